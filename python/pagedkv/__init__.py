@@ -1,0 +1,20 @@
+"""pagedkv: a quantized, paged KV cache for PyTorch / transformers inference."""
+
+import torch  # noqa: F401  (must load before the extension: _C links libtorch)
+
+from pagedkv import _C  # noqa: E402  (loads the TORCH_LIBRARY ops as well)
+from pagedkv._C import BudgetExhaustedError  # noqa: E402
+from pagedkv.config import FORMATS, KVFormat, LayerFormat, format_table  # noqa: E402
+from pagedkv.cache import PagedKVCache  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMATS",
+    "BudgetExhaustedError",
+    "KVFormat",
+    "LayerFormat",
+    "PagedKVCache",
+    "format_table",
+    "__version__",
+]
