@@ -112,8 +112,12 @@ AppendPlan BlockTables::append(const std::vector<int64_t>& seqs, int64_t n) {
 
 void BlockTables::truncate(int64_t seq, int64_t new_len) {
   Seq& s = get(seq);
-  PKV_CHECK(new_len >= s.start && new_len <= s.num_tokens, "cannot truncate sequence ", seq,
-            " to ", new_len, " tokens: it stores positions [", s.start, ", ", s.num_tokens, ")");
+  // Positions dropped from the front but still inside a kept block remain readable, so a truncate
+  // may go back to the first kept block's start.
+  const int64_t first_kept = s.dropped_blocks * block_size_;
+  PKV_CHECK(new_len >= first_kept && new_len <= s.num_tokens, "cannot truncate sequence ", seq,
+            " to ", new_len, " tokens: its kept blocks hold positions [", first_kept, ", ", s.num_tokens, ")");
+  s.start = std::min(s.start, new_len);
   const int64_t keep = (new_len + block_size_ - 1) / block_size_ - s.dropped_blocks;
   while (static_cast<int64_t>(s.blocks.size()) > std::max<int64_t>(keep, 0)) {
     pool_->decref(s.blocks.back());

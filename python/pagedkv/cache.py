@@ -436,14 +436,12 @@ class PagedKVCache(Cache):
         for layer in self.layers:
             if layer.is_sliding:
                 needed = max(new_len - layer.sliding_window + 1, 0)
-                kept = self._group_of[layer.layer_idx].start if layer.num_paged > 0 else layer.num_paged
-                if needed < min(kept, layer.num_paged) or (layer.num_paged == 0 and needed < layer.num_tokens - (
-                        0 if layer.residual_keys is None else layer.residual_keys.shape[2])):
+                if needed < self._group_of[layer.layer_idx].first_available:
                     raise ValueError(f"crop({max_length}) reaches tokens that sliding layer {layer.layer_idx} already "
                                      f"dropped (window {layer.sliding_window}); it can roll back only within its window")
         for g in self._groups:
             q = g.num_paged
-            new_q = min(q, new_len // self.flush_quantum * self.flush_quantum)
+            new_q = max(min(q, new_len // self.flush_quantum * self.flush_quantum), g.first_available)
             for i in g.layer_ids:
                 layer = self.layers[i]
                 if new_len >= q:
@@ -452,16 +450,15 @@ class PagedKVCache(Cache):
                         layer.residual_keys = layer.residual_keys[:, :, :keep]
                         layer.residual_values = layer.residual_values[:, :, :keep]
                 else:
-                    begin = max(new_q, g.start)
-                    if new_len > begin:
-                        k, v = g.read(i, begin, new_len, self._dtype, self._device)
-                        layer.residual_keys, layer.residual_values = k, v
+                    # Tokens [new_q, new_len) move back from pages to the residual window (dequantized).
+                    if new_len > new_q:
+                        layer.residual_keys, layer.residual_values = g.read(i, new_q, new_len, self._dtype, self._device)
                     else:
                         layer.residual_keys = layer.residual_values = None
                     layer.num_paged = new_q
                 layer.num_tokens = new_len
             if new_q < q:
-                g.truncate(max(new_q, g.start))
+                g.truncate(new_q)
 
     def reset(self) -> None:
         """Forget every sequence and release the page memory."""

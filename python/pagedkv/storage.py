@@ -111,6 +111,11 @@ class PagedGroup:
         return self.tables.num_tokens(self.seqs[0]) if self.seqs else 0
 
     @property
+    def first_available(self) -> int:
+        """First position whose block is still held (sliding groups drop whole blocks)."""
+        return self.tables.dropped_blocks(self.seqs[0]) * self.block_size if self.seqs else 0
+
+    @property
     def start(self) -> int:
         return self.tables.start(self.seqs[0]) if self.seqs else 0
 

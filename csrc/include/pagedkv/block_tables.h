@@ -45,7 +45,7 @@ class BlockTables {
   AppendPlan append(const std::vector<int64_t>& seqs, int64_t n);
   // Blocks append(seqs, n) would take from the pool, copy-on-write included.
   int64_t blocks_needed(const std::vector<int64_t>& seqs, int64_t n) const;
-  // Keep positions [start, new_len); frees blocks past the new end.
+  // Keep positions up to new_len (>= the first kept block's start); frees blocks past the new end.
   void truncate(int64_t seq, int64_t new_len);
   // Forget positions before new_start; frees the whole blocks that lie entirely before it.
   void drop_front(int64_t seq, int64_t new_start);
