@@ -14,7 +14,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch, transformers; print(torch.__version__, torch.version.cuda, transformers.__version__)" | tee -a "$OUT/gpu.txt"
-PAGEDKV_CUDA=ON PAGEDKV_CUDA_ARCHS=90 pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+PY=$(command -v python)
+CMAKE_ARGS="-DPython_EXECUTABLE=$PY" PAGEDKV_CUDA=ON PAGEDKV_CUDA_ARCHS=90 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
   || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build ok"
 python -m pytest tests/python/test_cuda.py tests/python/test_ops.py tests/python/test_hf_cache.py -q -p no:cacheprovider \
