@@ -5,9 +5,10 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <vector>
 
-#include "../kernels/cpu/kv_cpu.h"
+#include "../kernels/cpu/attention_cpu.h"
 #include "pagedkv/formats.h"
 
 namespace pagedkv {
@@ -148,4 +149,134 @@ inline GatherParams prepare_gather(at::TensorList pages, const at::Tensor& block
   return p;
 }
 
+// Checks a strided [num_seqs, heads, tokens, head_dim] tensor with a contiguous last dimension.
+inline void check_bhtd(const at::Tensor& t, const char* name, int64_t num_seqs, int64_t heads, int64_t head_dim,
+                       const at::Tensor& query) {
+  TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) == num_seqs && t.size(1) == heads && t.size(3) == head_dim,
+                    name, " must be [num_seqs=", num_seqs, ", num_kv_heads=", heads, ", tokens, head_dim=", head_dim,
+                    "], got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == query.scalar_type(), name, " must have the query's dtype ",
+                   query.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == query.device(), name, " is on ", t.device(), " but query is on ", query.device());
+  TORCH_CHECK_VALUE(t.size(3) <= 1 || t.stride(3) == 1, name, " must be contiguous in head_dim, got strides ",
+                    t.strides());
+}
+
+// Index tensors the attention params point into (host copies for validation; device ones for CUDA).
+struct AttentionHold {
+  ChunkList k_chunks, v_chunks;
+  at::Tensor table, lens, skip, mask, k_tail, v_tail, query;
+};
+
+// Checks the arguments of paged_attention and builds params whose index pointers are HOST copies
+// (validated: nothing runs on failure). Output, splits and workspace are left to the caller.
+inline AttentionParams prepare_attention(
+    const at::Tensor& query, at::TensorList k_pages, at::TensorList v_pages, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& k_tail,
+    const std::optional<at::Tensor>& v_tail, const std::optional<at::Tensor>& kv_mask, int64_t mask_offset,
+    int64_t k_format, int64_t v_format, int64_t k_group, int64_t v_group, int64_t block_size,
+    int64_t blocks_per_chunk, int64_t num_kv_heads, double scale, double softcap, int64_t window,
+    AttentionHold& hold, bool validate_indices) {
+  TORCH_CHECK_VALUE(query.dim() == 4, "query must be [num_seqs, num_q_heads, q_len, head_dim], got shape ",
+                    query.sizes());
+  const DType dt = to_dtype(query.scalar_type(), "query");
+  TORCH_CHECK_VALUE(query.size(3) <= 1 || query.stride(3) == 1, "query must be contiguous in head_dim, got strides ",
+                    query.strides());
+  const at::Device device = query.device();
+  const int64_t num_seqs = query.size(0), head_dim = query.size(3);
+  TORCH_CHECK_VALUE(num_kv_heads > 0 && query.size(1) % num_kv_heads == 0, "query has ", query.size(1),
+                    " heads, which is not a multiple of num_kv_heads=", num_kv_heads);
+  TORCH_CHECK_TYPE(block_table.scalar_type() == at::kInt, "block_table must be int32, got ", block_table.scalar_type());
+  TORCH_CHECK_VALUE(block_table.dim() == 2 && block_table.size(0) == num_seqs,
+                    "block_table must be [num_seqs=", num_seqs, ", max_blocks_per_seq], got shape ", block_table.sizes());
+  TORCH_CHECK_TYPE(seq_lens.scalar_type() == at::kInt, "seq_lens must be int32, got ", seq_lens.scalar_type());
+  TORCH_CHECK_VALUE(seq_lens.dim() == 1 && seq_lens.size(0) == num_seqs,
+                    "seq_lens must be [num_seqs=", num_seqs, "], got shape ", seq_lens.sizes());
+  for (const at::Tensor* t : {&block_table, &seq_lens}) {
+    TORCH_CHECK_VALUE(t->device() == device, "block_table and seq_lens must be on the query's device ", device,
+                      ", got ", t->device());
+  }
+  TORCH_CHECK_VALUE(window >= 0, "window must be >= 0 (0: none), got ", window);
+  TORCH_CHECK_VALUE(softcap >= 0.0, "softcap must be >= 0 (0: none), got ", softcap);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
+  const auto mk = [&](int64_t f, int64_t role, int64_t group) {
+    return translate_errors([&] {
+      return make_page_layout(to_format(f), to_role(role), static_cast<int32_t>(num_kv_heads),
+                              static_cast<int32_t>(head_dim), static_cast<int32_t>(block_size),
+                              static_cast<int32_t>(group));
+    });
+  };
+  AttentionParams p;
+  p.k = make_view(k_pages, mk(k_format, 0, k_group), blocks_per_chunk, device, hold.k_chunks);
+  p.v = make_view(v_pages, mk(v_format, 1, v_group), blocks_per_chunk, device, hold.v_chunks);
+  if (validate_indices) {
+    hold.table = block_table.to(at::kCPU).contiguous();
+    hold.lens = seq_lens.to(at::kCPU).contiguous();
+  } else {
+    hold.table = block_table.contiguous();
+    hold.lens = seq_lens.contiguous();
+  }
+  p.block_table = hold.table.data_ptr<int32_t>();
+  p.max_blocks_per_seq = hold.table.size(1);
+  p.seq_lens = hold.lens.data_ptr<int32_t>();
+  if (skip.has_value()) {
+    TORCH_CHECK_TYPE(skip->scalar_type() == at::kInt, "skip must be int32, got ", skip->scalar_type());
+    TORCH_CHECK_VALUE(skip->dim() == 1 && skip->size(0) == num_seqs, "skip must be [num_seqs=", num_seqs,
+                      "], got shape ", skip->sizes());
+    TORCH_CHECK_VALUE(skip->device() == device, "skip is on ", skip->device(), " but query is on ", device);
+    hold.skip = validate_indices ? skip->to(at::kCPU).contiguous() : skip->contiguous();
+    p.skip = hold.skip.data_ptr<int32_t>();
+  }
+  TORCH_CHECK_VALUE(k_tail.has_value() == v_tail.has_value(), "k_tail and v_tail must be given together");
+  if (k_tail.has_value()) {
+    check_bhtd(*k_tail, "k_tail", num_seqs, num_kv_heads, head_dim, query);
+    check_bhtd(*v_tail, "v_tail", num_seqs, num_kv_heads, head_dim, query);
+    TORCH_CHECK_VALUE(k_tail->size(2) == v_tail->size(2), "k_tail has ", k_tail->size(2), " tokens but v_tail has ",
+                      v_tail->size(2));
+    hold.k_tail = *k_tail;
+    hold.v_tail = *v_tail;
+    p.tail_len = k_tail->size(2);
+    if (p.tail_len > 0) {
+      p.k_tail = k_tail->data_ptr();
+      p.v_tail = v_tail->data_ptr();
+      for (int i = 0; i < 3; ++i) {
+        p.kt_stride[i] = k_tail->stride(i);
+        p.vt_stride[i] = v_tail->stride(i);
+      }
+    }
+  }
+  if (kv_mask.has_value()) {
+    TORCH_CHECK_TYPE(kv_mask->scalar_type() == at::kBool || kv_mask->scalar_type() == at::kByte,
+                     "kv_mask must be bool or uint8, got ", kv_mask->scalar_type());
+    TORCH_CHECK_VALUE(kv_mask->dim() == 2 && kv_mask->size(0) == num_seqs, "kv_mask must be [num_seqs=", num_seqs,
+                      ", positions], got shape ", kv_mask->sizes());
+    TORCH_CHECK_VALUE(kv_mask->device() == device, "kv_mask is on ", kv_mask->device(), " but query is on ", device);
+    hold.mask = kv_mask->contiguous();
+    p.kv_mask = reinterpret_cast<const uint8_t*>(hold.mask.data_ptr());
+    p.mask_stride = hold.mask.size(1);
+    p.mask_len = hold.mask.size(1);
+    p.mask_offset = mask_offset;
+    TORCH_CHECK_VALUE(mask_offset >= 0, "mask_offset must be >= 0, got ", mask_offset);
+  }
+  hold.query = query;
+  p.query = query.data_ptr();
+  for (int i = 0; i < 3; ++i) p.q_stride[i] = query.stride(i);
+  p.dtype = dt;
+  p.num_seqs = num_seqs;
+  p.num_q_heads = query.size(1);
+  p.q_len = query.size(2);
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window = window;
+  if (validate_indices) {
+    // The mask is checked for length only (its values are not indices).
+    const uint8_t* mask_ptr = p.kv_mask;
+    if (mask_ptr && !hold.mask.is_cpu()) p.kv_mask = reinterpret_cast<const uint8_t*>(1);  // non-null marker
+    translate_errors([&] { attention_validate(p); });
+    p.kv_mask = mask_ptr;
+  }
+  return p;
+}
+
 }  // namespace pagedkv
+

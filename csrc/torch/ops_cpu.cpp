@@ -43,9 +43,44 @@ void copy_blocks_cpu_op(at::TensorList pages, const at::Tensor& pairs, int64_t b
   translate_errors([&] { copy_blocks_cpu(view, pc.data_ptr<int64_t>(), pc.size(0)); });
 }
 
+at::Tensor paged_attention_cpu_op(const at::Tensor& query, at::TensorList k_pages, at::TensorList v_pages,
+                                  const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                  const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& k_tail,
+                                  const std::optional<at::Tensor>& v_tail, const std::optional<at::Tensor>& kv_mask,
+                                  int64_t mask_offset, int64_t k_format, int64_t v_format, int64_t k_group,
+                                  int64_t v_group, int64_t block_size, int64_t blocks_per_chunk, int64_t num_kv_heads,
+                                  double scale, double softcap, int64_t window, int64_t num_splits) {
+  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: automatic), got ", num_splits);
+  AttentionHold hold;
+  AttentionParams p = prepare_attention(query, k_pages, v_pages, block_table, seq_lens, skip, k_tail, v_tail, kv_mask,
+                                        mask_offset, k_format, v_format, k_group, v_group, block_size,
+                                        blocks_per_chunk, num_kv_heads, scale, softcap, window, hold, true);
+  const int64_t n = p.max_entries();
+  if (num_splits > 0) {
+    attention_plan(p, n, p.num_seqs * num_kv_heads * num_splits, 1);
+  } else {
+    attention_plan(p, n, 2 * at::get_num_threads(), 512);
+  }
+  at::Tensor out = at::empty({p.num_seqs, p.q_len, p.num_q_heads, p.head_dim()}, query.options());
+  p.out = out.data_ptr();
+  at::Tensor acc, ml;
+  if (p.num_splits > 1) {
+    acc = at::empty({p.num_seqs * num_kv_heads * p.num_splits * p.rows() * p.head_dim()}, query.options().dtype(at::kFloat));
+    ml = at::empty({p.num_seqs * num_kv_heads * p.num_splits * p.rows() * 2}, query.options().dtype(at::kFloat));
+    p.partial_acc = acc.data_ptr<float>();
+    p.partial_ml = ml.data_ptr<float>();
+  }
+  at::parallel_for(0, attention_work_items(p), 1, [&](int64_t b, int64_t e) { attention_cpu(p, b, e); });
+  if (p.num_splits > 1) {
+    at::parallel_for(0, p.num_seqs * num_kv_heads, 1, [&](int64_t b, int64_t e) { attention_merge_cpu(p, b, e); });
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pagedkv, CPU, m) {
+  m.impl("paged_attention", &paged_attention_cpu_op);
   m.impl("append", &append_cpu_op);
   m.impl("gather", &gather_cpu_op);
   m.impl("copy_blocks", &copy_blocks_cpu_op);

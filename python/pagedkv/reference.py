@@ -94,11 +94,13 @@ def dense_attention(
     causal_offset: int | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fp32 attention of ``query [B, Hq, S, D]`` over ``key/value [B, Hkv, T, D]`` (GQA by repeat).
 
     Query ``i`` sits at position ``causal_offset + i`` and sees key positions ``<=`` it (and, with a
     sliding window, ``> pos - sliding_window``). ``causal_offset=None`` disables masking.
+    ``key_mask [B, T]`` (bool) hides keys where it is False. Rows that see no key are zero.
     """
     q, k, v = query.float(), key.float(), value.float()
     rep = q.shape[1] // k.shape[1]
@@ -115,4 +117,7 @@ def dense_attention(
         if sliding_window is not None:
             mask &= kpos > qpos - sliding_window
         s = s.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1), v)
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows: zero
+    return torch.matmul(p, v)
