@@ -6,6 +6,9 @@ from pagedkv import _C  # noqa: E402  (loads the TORCH_LIBRARY ops as well)
 from pagedkv._C import BudgetExhaustedError  # noqa: E402
 from pagedkv.config import FORMATS, KVFormat, LayerFormat, format_table  # noqa: E402
 from pagedkv.cache import PagedKVCache  # noqa: E402
+from pagedkv import attention as _attention  # noqa: E402
+
+_attention.register()
 
 __version__ = "0.1.0"
 

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from pagedkv import _C
+from pagedkv import _C, ops
 from pagedkv.config import (
     DEFAULT_RESIDUAL_LENGTH,
+    FORMATS,
     GROUPED,
     KEY,
     VALUE,
@@ -53,6 +54,9 @@ class PagedLayer(CacheLayerMixin):
         self.num_paged = 0   # positions [0, num_paged) are in pages; the rest in the residual
         self.residual_keys: torch.Tensor | None = None    # [batch, num_kv_heads, num_tokens - num_paged, head_dim]
         self.residual_values: torch.Tensor | None = None
+        # Fused attention: (first paged position, end of paged positions, tail keys, tail values) the
+        # "pagedkv" attention of the current forward step reads, set by update and consumed by it.
+        self._pending: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Storage is created by the cache on the first ``update``; nothing to do here."""
@@ -83,6 +87,7 @@ class PagedLayer(CacheLayerMixin):
         self.num_tokens = 0
         self.num_paged = 0
         self.residual_keys = self.residual_values = None
+        self._pending = None
         self.is_initialized = False
 
     def _select_residual(self, index: torch.Tensor) -> None:
@@ -144,6 +149,10 @@ class PagedKVCache(Cache):
         Blocks added per growth step (default: about 32 MiB over the group's layers).
     check_finite:
         Reject NaN/Inf key or value states with ``ValueError`` (one reduction per update).
+    attn_implementation:
+        ``"pagedkv"`` makes ``update`` return only the new full-precision tail for the fused
+        ``"pagedkv"`` attention (which reads the pages directly); anything else returns dense K/V.
+        Default: follow ``config._attn_implementation`` at each update (the model's own choice).
     """
 
     def __init__(
@@ -162,6 +171,7 @@ class PagedKVCache(Cache):
         max_blocks: int | None = None,
         blocks_per_chunk: int | None = None,
         check_finite: bool = True,
+        attn_implementation: str | None = None,
         num_layers: int | None = None,
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
@@ -201,6 +211,8 @@ class PagedKVCache(Cache):
         self.residual_length = residual_length if grouped else 0
         self.layer_formats = formats
         self.check_finite = check_finite
+        self._cfg = cfg
+        self._attn_implementation = attn_implementation
         self.max_memory_bytes = max_memory_bytes
         self._max_blocks = max_blocks
         self._blocks_per_chunk = blocks_per_chunk
@@ -238,6 +250,14 @@ class PagedKVCache(Cache):
         self._batch_size: int | None = None
         self._device: torch.device | None = None
         self._dtype: torch.dtype | None = None
+
+    @property
+    def fused(self) -> bool:
+        """Whether ``update`` hands K/V to the fused ``"pagedkv"`` attention instead of returning them dense."""
+        impl = self._attn_implementation
+        if impl is None:
+            impl = getattr(self._cfg, "_attn_implementation", None)
+        return impl == "pagedkv"
 
     def _target_paged(self, group: PagedGroup, num_tokens: int) -> int:
         """Positions that belong in pages once the sequence has ``num_tokens`` positions."""
@@ -320,7 +340,15 @@ class PagedKVCache(Cache):
             tail_k, tail_v = key_states, value_states
         # Dense result: visible paged positions, then the full-precision tail.
         first_tail = max(visible - old_paged, 0)
-        if visible < old_paged:
+        fused = self.fused
+        if fused:
+            # The fused attention reads pages [visible, old_paged) in place; flushing below writes
+            # only positions >= old_paged, so they stay valid until it runs.
+            tk, tv = tail_k[:, :, first_tail:], tail_v[:, :, first_tail:]
+            layer._pending = (visible, old_paged, tk, tv)
+            out_k, out_v = tk.view(tk.shape), tv.view(tv.shape)
+            out_k._pagedkv_ctx = out_v._pagedkv_ctx = (self, layer_idx)
+        elif visible < old_paged:
             page_k, page_v = group.read(layer_idx, visible, old_paged, dtype, device)
             out_k = torch.cat([page_k, tail_k[:, :, first_tail:]], dim=2)
             out_v = torch.cat([page_v, tail_v[:, :, first_tail:]], dim=2)
@@ -339,6 +367,43 @@ class PagedKVCache(Cache):
         layer.num_tokens, layer.num_paged = new_tokens, target
         layer.is_initialized = True
         return out_k, out_v
+
+    def _dense_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense K/V of the pending fused step of a layer (the dense path of the "pagedkv" attention)."""
+        layer = self.layers[layer_idx]
+        if layer._pending is None:
+            raise RuntimeError(f"layer {layer_idx} has no pending attention step: call update first")
+        begin, end, tk, tv = layer._pending
+        layer._pending = None
+        if begin >= end:
+            return tk, tv
+        pk, pv = self._group_of[layer_idx].read(layer_idx, begin, end, tk.dtype, tk.device)
+        return torch.cat([pk, tk], dim=2), torch.cat([pv, tv], dim=2)
+
+    def _attend(self, layer_idx: int, query: torch.Tensor, padding: torch.Tensor | None, scaling: float | None,
+                softcap: float, max_query: int) -> torch.Tensor | None:
+        """Fused attention of ``query [B, Hq, Lq, D]`` for the pending step of a layer; returns
+        ``[B, Lq, Hq, D]``, or None (pending kept) when the dense path suits the query better."""
+        layer = self.layers[layer_idx]
+        if layer._pending is None:
+            raise RuntimeError(f"layer {layer_idx} has no pending attention step: call update first")
+        begin, end, tk, tv = layer._pending
+        q_len = query.shape[2]
+        if q_len > max_query or (end <= begin and q_len > 1):
+            return None
+        layer._pending = None
+        group = self._group_of[layer_idx]
+        pages = self._pages[layer_idx]
+        table, lens, skip = group.attention_index(begin, end, query.device)
+        if padding is not None:
+            padding = padding.to(query.device)
+        f = pages.fmt
+        return ops.paged_attention(
+            query, pages.k_chunks, pages.v_chunks, table, lens, skip=skip, k_tail=tk, v_tail=tv, kv_mask=padding,
+            mask_offset=begin, k_format=FORMATS[f.key], v_format=FORMATS[f.value], k_group=pages.key_group,
+            v_group=pages.value_group, block_size=self.block_size, blocks_per_chunk=group.blocks_per_chunk,
+            num_kv_heads=self.num_kv_heads, scale=scaling if scaling is not None else self.head_dim ** -0.5,
+            softcap=softcap, window=layer.sliding_window or 0)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if not isinstance(layer_idx, int) or layer_idx < 0:

@@ -101,6 +101,7 @@ class PagedGroup:
         self.tables = _C.BlockTables(self.pool, block_size)
         self.seqs: list[int] = []
         self._table_cache: tuple[torch.device, torch.Tensor] | None = None
+        self._index_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, ...]] = {}
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -121,6 +122,7 @@ class PagedGroup:
 
     def _changed(self) -> None:
         self._table_cache = None
+        self._index_cache.clear()
 
     def set_batch(self, batch_size: int) -> None:
         self.tables.free_sequences(self.seqs)
@@ -133,6 +135,25 @@ class PagedGroup:
             t = torch.from_numpy(self.tables.block_table(self.seqs, 1)).to(device)
             self._table_cache = (device, t)
         return self._table_cache[1]
+
+    def attention_index(self, begin: int, end: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(block_table, seq_lens, skip) of positions ``[begin, end)`` for ``paged_attention``; shared by
+        the group's layers within a step and cached until the tables change."""
+        key = (begin, end, device)
+        hit = self._index_cache.get(key)
+        if hit is None:
+            n = len(self.seqs)
+            table = self.block_table(device)
+            if end > begin and n:
+                first = begin // self.block_size - self.tables.dropped_blocks(self.seqs[0])
+                last = -(-end // self.block_size) - self.tables.dropped_blocks(self.seqs[0])
+                table = table[:, first:last].contiguous()
+            else:
+                table = table[:, :0].contiguous()
+            lens = torch.full((n,), max(end - begin, 0), dtype=torch.int32, device=device)
+            skip = torch.full((n,), begin % self.block_size, dtype=torch.int32, device=device)
+            hit = self._index_cache[key] = (table, lens, skip)
+        return hit
 
     def slots(self, begin: int, end: int, device: torch.device) -> torch.Tensor:
         """Slot ids of positions ``[begin, end)`` of every sequence, int64 ``[num_seqs * (end - begin)]``."""

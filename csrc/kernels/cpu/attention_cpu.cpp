@@ -134,6 +134,31 @@ void store_row(void* base, DType dt, int64_t offset, int D, const float* v) {
   }
 }
 
+// With half-precision inputs the probabilities enter the value product rounded to that precision
+// (the row sum stays fp32), as FlashAttention and torch's CPU flash kernel do, so results track
+// sdpa on the same inputs.
+inline float round_p(float x, DType dt) {
+  switch (dt) {
+    case DType::kBF16: return bf16_to_float(bf16_from_float(x));
+    case DType::kF16: return fp16_to_float(fp16_from_float(x));
+    default: return x;
+  }
+}
+
+// Dequantized values are rounded to the model's dtype, as the dense path (gather to that dtype)
+// and transformers' quantized caches do, so fused and dense decoding see the same K/V.
+void round_row(float* x, int D, DType dt) {
+  if (dt == DType::kBF16) {
+#pragma omp simd
+    for (int d = 0; d < D; ++d) {  // round to nearest even; dequantized values are finite
+      const uint32_t u = float_bits(x[d]);
+      x[d] = bits_float((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+    }
+  } else {
+    for (int d = 0; d < D; ++d) x[d] = fp16_to_float(fp16_from_float(x[d]));
+  }
+}
+
 // Dequantizes rows of one head region. Per-channel key parameters (int4/int2/nf4 keys) are
 // unpacked once per key group and reused for the group's tokens.
 class RowDecoder {
@@ -273,9 +298,11 @@ void for_each_row(const AttentionParams& p, const PagedView& view, RowDecoder& d
   const int64_t plen = p.seq_lens[s];
   const int64_t skip = p.skip ? p.skip[s] : 0;
   const int32_t* table = p.block_table + s * p.max_blocks_per_seq;
+  const bool round = p.dtype != DType::kF32 && !is_passthrough(L.format);
   for (int64_t e = e0; e < std::min(e1, plen); ++e) {
     const int64_t pos = skip + e;
     dec.decode(view.head_ptr(table[pos / L.block_size], h), pos % L.block_size, buf);
+    if (round) round_row(buf, D, p.dtype);
     f(e, buf);
   }
   for (int64_t e = std::max(e0, plen); e < e1; ++e) {
@@ -345,8 +372,9 @@ void attention_cpu(const AttentionParams& p, int64_t begin, int64_t end) {
         if (mx == kNegInf) continue;
         float sum = 0.0f;
         for (int64_t i = 0; i < len; ++i) {
-          sr[i] = std::exp(sr[i] - mx);
-          sum += sr[i];
+          const float e = std::exp(sr[i] - mx);
+          sum += e;
+          sr[i] = round_p(e, p.dtype);
         }
         l[r] = sum;
       }

@@ -1,0 +1,164 @@
+"""The fused paged_attention op against the fp32 reference on the same dequantized values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedkv import ops
+from pagedkv.config import FORMATS
+from pagedkv.reference import dense_attention
+from paged_inputs import PagedInputs
+
+ALL = ["fp32", "bf16", "fp16", "fp8_e4m3", "int8", "int4", "int2", "nf4"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def reference(pi: PagedInputs, query, k_tail=None, v_tail=None, scale=None, window=0, softcap=0.0, kv_mask=None,
+              mask_offset=0):
+    """Per sequence: dense fp32 attention over gathered pages + tail; [B, Lq, Hq, D]."""
+    outs = []
+    for s in range(query.shape[0]):
+        k, v = pi.dense(s)
+        if k_tail is not None:
+            k = torch.cat([k, k_tail[s:s + 1].float()], 2)
+            v = torch.cat([v, v_tail[s:s + 1].float()], 2)
+        n, lq = k.shape[2], query.shape[2]
+        km = None
+        if kv_mask is not None:
+            km = kv_mask[s:s + 1, mask_offset:mask_offset + n].bool()
+        o = dense_attention(query[s:s + 1], k.to(query.device), v.to(query.device), scale=scale,
+                            causal_offset=n - lq, sliding_window=window or None, softcap=softcap or None,
+                            key_mask=km)
+        outs.append(o.transpose(1, 2))
+    return torch.cat(outs)
+
+
+def _close(out, ref, dtype=torch.float32):
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ALL)
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+def test_formats_gqa_lengths(device, fmt, gqa):
+    bs = 64 if fmt in ("int4", "int2", "nf4") else 16
+    lens = [1, bs - 1, bs, bs + 1, 5 * bs + 7]
+    pi = PagedInputs(lens, [0] * len(lens), fmt, fmt, 2, 64, block_size=bs, device=device, seed=gqa)
+    q = torch.randn(len(lens), 2 * gqa, 1, 64, device=device)
+    out = pi.attend(q, scale=0.125)
+    assert not out.isnan().any()
+    _close(out, reference(pi, q, scale=0.125))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "nf4"])
+@pytest.mark.parametrize("head_dim", [8, 64, 128, 256])
+def test_head_dims_tail_and_splits(device, fmt, head_dim):
+    if fmt in ("int4", "nf4") and head_dim < 32:
+        pytest.skip("grouped value formats need head_dim >= their channel group")
+    pi = PagedInputs([300, 64, 0], [3, 0, 0], fmt, fmt, 2, head_dim, device=device)
+    q = torch.randn(3, 4, 1, head_dim, device=device)
+    kt, vt = torch.randn(3, 2, 5, head_dim, device=device), torch.randn(3, 2, 5, head_dim, device=device)
+    ref = reference(pi, q, kt, vt, scale=head_dim ** -0.5)
+    for splits in (0, 1, 4):
+        _close(pi.attend(q, kt, vt, scale=head_dim ** -0.5, num_splits=splits), ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_query_chunk_is_causal(device, fmt):
+    pi = PagedInputs([200, 130], [0, 10], fmt, fmt, 2, 64, device=device)
+    q = torch.randn(2, 8, 7, 64, device=device)
+    kt, vt = torch.randn(2, 2, 7, 64, device=device), torch.randn(2, 2, 7, 64, device=device)
+    _close(pi.attend(q, kt, vt, scale=0.125, num_splits=3), reference(pi, q, kt, vt, scale=0.125))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int2"])
+def test_window_softcap_mask(device, fmt):
+    pi = PagedInputs([180, 90], [30, 0], fmt, fmt, 2, 64, device=device)
+    q = torch.randn(2, 4, 3, 64, device=device)
+    kt, vt = torch.randn(2, 2, 3, 64, device=device), torch.randn(2, 2, 3, 64, device=device)
+    mask = torch.rand(2, 20 + 183, device=device) > 0.3
+    kw = dict(scale=0.3, window=50, softcap=5.0)
+    out = pi.attend(q, kt, vt, kv_mask=mask, mask_offset=20, num_splits=2, **kw)
+    _close(out, reference(pi, q, kt, vt, kv_mask=mask, mask_offset=20, **kw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_query_and_tail(device, dtype):
+    pi = PagedInputs([333], [0], "int8", "int8", 2, 128, block_size=16, device=device)
+    q = torch.randn(1, 8, 1, 128, device=device, dtype=dtype)
+    kt, vt = (torch.randn(1, 2, 9, 128, device=device, dtype=dtype) for _ in range(2))
+    out = pi.attend(q, kt, vt, scale=128 ** -0.5)
+    assert out.dtype == dtype and out.shape == (1, 1, 8, 128)
+    _close(out, reference(pi, q.float(), kt, vt, scale=128 ** -0.5), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_query_and_tail(device):
+    pi = PagedInputs([100, 40], [0, 0], "bf16", "bf16", 2, 64, block_size=16, device=device)
+    q = torch.randn(2, 1, 8, 64, device=device).transpose(1, 2)  # [B, Hq, 1, D] with odd strides
+    kv = torch.randn(2, 4, 2, 64, device=device).transpose(1, 2)  # [B, 2, 4, D]
+    _close(pi.attend(q, kv, kv * 2, scale=0.125), reference(pi, q, kv, kv * 2, scale=0.125))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_out_rows_are_zero(device):
+    pi = PagedInputs([50], [0], "bf16", "bf16", 1, 64, block_size=16, device=device)
+    q = torch.randn(1, 2, 1, 64, device=device)
+    mask = torch.zeros(1, 50, dtype=torch.bool, device=device)
+    out = pi.attend(q, kv_mask=mask, scale=0.1, num_splits=3)
+    assert torch.equal(out.cpu(), torch.zeros_like(out.cpu()))
+
+
+def test_opcheck():
+    pi = PagedInputs([70, 20], [0, 3], "int4", "int8", 2, 64)
+    q = torch.randn(2, 4, 2, 64)
+    kt, vt = torch.randn(2, 2, 2, 64), torch.randn(2, 2, 2, 64)
+    args = (q, pi.k_pages, pi.v_pages, pi.table, pi.lens, pi.skip, kt, vt, None, 0, FORMATS["int4"], FORMATS["int8"],
+            pi.kg, pi.vg, 64, pi.bpc, 2, 0.125, 0.0, 0, 0)
+    torch.library.opcheck(torch.ops.pagedkv.paged_attention.default, args)
+
+
+def _bad_calls():
+    pi = PagedInputs([70], [0], "int8", "int8", 2, 64, block_size=16)
+    q = torch.randn(1, 4, 1, 64)
+    base = dict(query=q, k_pages=pi.k_pages, v_pages=pi.v_pages, block_table=pi.table, seq_lens=pi.lens,
+                k_format=FORMATS["int8"], v_format=FORMATS["int8"], block_size=16, blocks_per_chunk=pi.bpc,
+                num_kv_heads=2, scale=0.125)
+    bad_table = pi.table.clone()
+    bad_table[0, 0] = 10_000
+    return base, [
+        ("query", dict(query=q[0]), "query must be"),
+        ("query dtype", dict(query=q.double()), "query must be float32"),
+        ("heads", dict(num_kv_heads=3), "not a multiple of num_kv_heads"),
+        ("table dtype", dict(block_table=pi.table.long()), "block_table must be int32"),
+        ("block id", dict(block_table=bad_table), "is not a block of these pages"),
+        ("seq_lens", dict(seq_lens=torch.tensor([10_000], dtype=torch.int32)), "needs"),
+        ("negative len", dict(seq_lens=torch.tensor([-1], dtype=torch.int32)), "is negative"),
+        ("tail alone", dict(k_tail=torch.randn(1, 2, 1, 64)), "given together"),
+        ("tail dtype", dict(k_tail=torch.randn(1, 2, 1, 64).half(), v_tail=torch.randn(1, 2, 1, 64).half()),
+         "must have the query's dtype"),
+        ("tail heads", dict(k_tail=torch.randn(1, 3, 1, 64), v_tail=torch.randn(1, 3, 1, 64)), "k_tail must be"),
+        ("mask short", dict(kv_mask=torch.ones(1, 10, dtype=torch.bool)), "kv_mask has 10 positions"),
+        ("format", dict(k_format=99), "format must be in"),
+        ("scale", dict(scale=float("nan")), "scale must be"),
+        ("window", dict(window=-2), "window must be"),
+        ("softcap", dict(softcap=-1.0), "softcap must be"),
+        ("splits", dict(num_splits=-1), "num_splits"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(16))
+def test_bad_input(case):
+    base, cases = _bad_calls()
+    name, change, msg = cases[case]
+    kw = {**base, **change}
+    q = kw.pop("query")
+    kp, vp, t, ln = kw.pop("k_pages"), kw.pop("v_pages"), kw.pop("block_table"), kw.pop("seq_lens")
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=msg):
+        ops.paged_attention(q, kp, vp, t, ln, **kw)
