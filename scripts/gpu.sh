@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# One device call: build with CUDA, run the CUDA tests (and the CPU suite on the GPU image),
-# writing every log under $OUT. Usage (device tool): bash scripts/gpu.sh
+# One device call: build with CUDA, run the CUDA tests, then the GPU benchmarks, writing every log,
+# JSON and plot under $OUT. Usage (device tool): bash scripts/gpu.sh [tests|bench|all] (default all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+WHAT=${1:-all}
 OUT=${OUT:-/tmp/pagedkv-out}
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1
 export PAGEDKV_DATA_DIR=${PAGEDKV_DATA_DIR:-$PWD/shared/data}
-# Build tools the image may lack travel as wheels in .whl (carried, git-ignored).
+# Packages the image may lack travel as wheels in .whl (carried, git-ignored).
 if ls .whl/*.whl >/dev/null 2>&1; then
   python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 python -c "import torch, transformers; print(torch.__version__, torch.version.cuda, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 PY=$(command -v python)
+t0=$(date +%s)
 CMAKE_ARGS="-DPython_EXECUTABLE=$PY" PAGEDKV_CUDA=ON PAGEDKV_CUDA_ARCHS=90 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
   || { tail -50 "$OUT/build.log"; exit 1; }
-echo "build ok"
-python -m pytest tests/python/test_cuda.py tests/python/test_ops.py tests/python/test_hf_cache.py -q -p no:cacheprovider \
-  2>&1 | tee "$OUT/pytest.log" | tail -15
+echo "build ok ($(( $(date +%s) - t0 )) s)"
+# Deselected on the device: the CPU bad-input tests (an exception thrown out of the extension built
+# with this image's compiler crashes the process: open bug) and the exact-token stories260K bf16 test
+# (it checks CPU SDPA bf16 numerics of the pinned torch 2.13; the image has 2.11).
+if [[ $WHAT == tests || $WHAT == all ]]; then
+  python -m pytest tests/python/test_cuda.py tests/python/test_attention_op.py tests/python/test_attention_hf.py -q -x -k "not bad_input and not stories_greedy_identical_to_sdpa_dynamic" \
+    -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
+fi
+if [[ $WHAT == bench || $WHAT == all ]]; then
+  python -m pagedkv.bench attention ${ATTN_ARGS:-} --json "$OUT/attention.json" --plot "$OUT/attention.png" \
+    2>&1 | tee "$OUT/attention.log" | grep -v "^done"
+  if [[ -n ${GENERATE:-1} ]]; then
+    python -m pagedkv.bench generate ${GEN_ARGS:-} --json "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log" | tail -25
+  fi
+fi

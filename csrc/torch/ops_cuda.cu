@@ -4,7 +4,10 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "checks.h"
+#include "cuda/attention_cuda.h"
 #include "cuda/kv_cuda.h"
+
+#include <cstdlib>
 
 namespace pagedkv {
 namespace {
@@ -79,9 +82,68 @@ void copy_blocks_cuda_op(at::TensorList pages, const at::Tensor& pairs, int64_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Index validation on the host costs a device sync per call, so the CUDA attention checks indices
+// in the kernel instead (out-of-range blocks are skipped, never read); PAGEDKV_VALIDATE=1 restores
+// the host checks with their exact error messages.
+bool host_validation() {
+  static const bool on = [] {
+    const char* v = std::getenv("PAGEDKV_VALIDATE");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
+at::Tensor paged_attention_cuda_op(const at::Tensor& query, at::TensorList k_pages, at::TensorList v_pages,
+                                   const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                   const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& k_tail,
+                                   const std::optional<at::Tensor>& v_tail, const std::optional<at::Tensor>& kv_mask,
+                                   int64_t mask_offset, int64_t k_format, int64_t v_format, int64_t k_group,
+                                   int64_t v_group, int64_t block_size, int64_t blocks_per_chunk, int64_t num_kv_heads,
+                                   double scale, double softcap, int64_t window, int64_t num_splits) {
+  const at::cuda::CUDAGuard guard(query.device());
+  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: automatic), got ", num_splits);
+  AttentionHold hold;
+  const bool validate = host_validation();
+  AttentionParams p = prepare_attention(query, k_pages, v_pages, block_table, seq_lens, skip, k_tail, v_tail, kv_mask,
+                                        mask_offset, k_format, v_format, k_group, v_group, block_size,
+                                        blocks_per_chunk, num_kv_heads, scale, softcap, window, hold, validate);
+  TORCH_CHECK_VALUE(p.k.num_chunks <= kMaxAttentionChunks && p.v.num_chunks <= kMaxAttentionChunks,
+                    "the pages have ", std::max(p.k.num_chunks, p.v.num_chunks), " chunks; the CUDA attention takes at "
+                    "most ", kMaxAttentionChunks, " (use a larger blocks_per_chunk)");
+  TORCH_CHECK_VALUE(p.head_dim() <= 256 && p.head_dim() % 8 == 0, "the CUDA attention needs head_dim <= 256 and a "
+                    "multiple of 8, got ", p.head_dim());
+  if (validate) {
+    // prepare_attention pointed the index arrays at host copies: use the device tensors.
+    hold.table = block_table.contiguous();
+    hold.lens = seq_lens.contiguous();
+    p.block_table = hold.table.data_ptr<int32_t>();
+    p.seq_lens = hold.lens.data_ptr<int32_t>();
+    if (skip.has_value()) {
+      hold.skip = skip->contiguous();
+      p.skip = hold.skip.data_ptr<int32_t>();
+    }
+  }
+  // Upper bound of entries per sequence without reading seq_lens back (no device sync).
+  const int64_t bound = p.max_blocks_per_seq * block_size + p.tail_len;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  attention_cuda_plan(p, bound, sms, num_splits);
+  const at::Tensor q32 = query.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({p.num_seqs, p.q_len, p.num_q_heads, p.head_dim()}, query.options());
+  const auto f32 = query.options().dtype(at::kFloat);
+  at::Tensor acc = at::empty({std::max<int64_t>(1, p.num_seqs * num_kv_heads * p.num_splits * p.rows() * p.head_dim())}, f32);
+  at::Tensor ml = at::empty({std::max<int64_t>(1, p.num_seqs * num_kv_heads * p.num_splits * p.rows() * 2)}, f32);
+  p.out = out.data_ptr();
+  p.partial_acc = acc.data_ptr<float>();
+  p.partial_ml = ml.data_ptr<float>();
+  C10_CUDA_CHECK(paged_attention_cuda(p, q32.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pagedkv, CUDA, m) {
+  m.impl("paged_attention", &paged_attention_cuda_op);
   m.impl("append", &append_cuda_op);
   m.impl("gather", &gather_cuda_op);
   m.impl("copy_blocks", &copy_blocks_cuda_op);

@@ -1,4 +1,4 @@
-"""``python -m pagedkv.bench <memory> [options]``."""
+"""``python -m pagedkv.bench <memory|attention|generate> [options]``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import sys
 
 
 def main() -> None:
-    commands = {"memory": "pagedkv.bench.memory"}
+    commands = {"memory": "pagedkv.bench.memory", "attention": "pagedkv.bench.attention",
+                "generate": "pagedkv.bench.generate"}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m pagedkv.bench {{{','.join(commands)}}} [options]", file=sys.stderr)
         raise SystemExit(2)

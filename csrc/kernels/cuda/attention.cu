@@ -1,0 +1,621 @@
+// CUDA fused paged attention (split-context / flash decoding).
+//
+// Grid: (split, kv head x row tile, sequence); 128 threads. A thread owns 8 channels of one token
+// at a time (D / 8 threads per token), so each warp load instruction reads consecutive bytes of
+// consecutive tokens; codes are dequantized in registers. Keys: every thread forms partial dot
+// products for the block's R query rows (a KV head is read once for its whole query group), the
+// lanes of a token reduce them with a butterfly reduce-scatter, and scores go to shared memory.
+// Softmax over the split, then values: each thread accumulates R x 8 outputs over its tokens, and
+// the token slots are summed through shared memory. A merge kernel combines the splits with the
+// stable (max, sum) rescaling and writes the output dtype.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <cfloat>
+
+#include "cuda/attention_cuda.h"
+
+namespace pagedkv {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kC = 8;  // channels per thread
+constexpr int U = 4;   // tokens per thread with loads in flight
+constexpr int kMaxSplitBlocks = 2048 / 16 + 2;  // block-table columns of the longest split
+
+struct DevView {
+  const uint8_t* chunk[kMaxAttentionChunks];
+  PageLayout L;
+  int32_t bpc;
+  int64_t id_space;
+};
+
+struct KParams {
+  DevView k, v;
+  const int32_t* table;
+  int64_t max_blocks;
+  const int32_t* lens;
+  const int32_t* skip;
+  const float* q;
+  const void* kt;
+  const void* vt;
+  int64_t kts[3], vts[3];
+  int64_t tail_len;
+  DType dtype;
+  const uint8_t* mask;
+  int64_t mask_stride, mask_offset, mask_len;
+  int32_t B, Hq, Lq, H, gqa, rows, row_tiles;
+  float scale, softcap;
+  int64_t window;
+  int64_t split_tokens, num_splits;
+  float* pacc;
+  float* pml;
+  void* out;
+};
+
+__device__ __forceinline__ float round_to(float x, DType dt) {
+  if (dt == DType::kBF16) return __bfloat162float(__float2bfloat16_rn(x));
+  if (dt == DType::kF16) return __half2float(__float2half_rn(x));
+  return x;
+}
+
+__device__ __forceinline__ float h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+
+__constant__ float kNF4[16] = {-1.00000000f, -0.69619289f, -0.52507304f, -0.39491749f, -0.28444136f, -0.18477344f,
+                               -0.09104999f, 0.00000000f,  0.07958033f,  0.16093017f,  0.24611229f,  0.33791519f,
+                               0.44070980f,  0.56261697f,  0.72295673f,  1.00000000f};
+
+// Dequantizes channels [c0, c0 + 8) of token o in one head region.
+__device__ __forceinline__ void load8(const PageLayout& L, const uint8_t* head, int o, int c0, const float* nf4,
+                                      float* x) {
+  const int D = L.head_dim;
+  const uint8_t* row = head + static_cast<int64_t>(o) * L.code_bytes_per_token;
+  const uint8_t* meta = head + L.code_bytes;
+  switch (L.format) {
+    case Format::kFP32: {
+      const float4 a = *reinterpret_cast<const float4*>(row + 4 * c0);
+      const float4 b = *reinterpret_cast<const float4*>(row + 4 * c0 + 16);
+      x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+      return;
+    }
+    case Format::kBF16:
+    case Format::kFP16: {
+      const uint4 u = *reinterpret_cast<const uint4*>(row + 2 * c0);
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (L.format == Format::kBF16) {
+          x[2 * i] = __uint_as_float(w[i] << 16);
+          x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        } else {
+          x[2 * i] = h2f(static_cast<uint16_t>(w[i] & 0xffffu));
+          x[2 * i + 1] = h2f(static_cast<uint16_t>(w[i] >> 16));
+        }
+      }
+      return;
+    }
+    case Format::kInt8:
+    case Format::kFP8E4M3: {
+      const uint2 u = *reinterpret_cast<const uint2*>(row + c0);
+      const float s = *reinterpret_cast<const float*>(meta + 4 * o);
+      const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t b = (w[i / 4] >> (8 * (i % 4))) & 0xffu;
+        if (L.format == Format::kInt8) {
+          x[i] = static_cast<float>(static_cast<int8_t>(b)) * s;
+        } else {
+          x[i] = __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b), __NV_E4M3))) * s;
+        }
+      }
+      return;
+    }
+    case Format::kInt4:
+    case Format::kNF4:
+    case Format::kInt2: {
+      const int bits = L.format == Format::kInt2 ? 2 : 4;
+      const uint32_t u = bits == 4 ? *reinterpret_cast<const uint32_t*>(row + c0 / 2)
+                                   : *reinterpret_cast<const uint16_t*>(row + c0 / 4);
+      float code[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) code[i] = static_cast<float>((u >> (bits * i)) & ((1u << bits) - 1u));
+      if (L.role == Role::kKey) {
+        const int gi = static_cast<int>(static_cast<unsigned>(o) / static_cast<unsigned>(L.group));
+        if (L.format == Format::kNF4) {
+          const int64_t supers = L.block_size / L.group;
+          const float s2 = h2f(*reinterpret_cast<const uint16_t*>(meta + 2 * gi));
+          // The absmax codes start 2 * supers bytes into the metadata: 2-byte aligned only.
+          const uint16_t* a = reinterpret_cast<const uint16_t*>(meta + 2 * supers + static_cast<int64_t>(gi) * D + c0);
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            x[i] = nf4[static_cast<int>(code[i])] * (static_cast<float>((a[i / 2] >> (8 * (i % 2))) & 0xffu) * s2);
+        } else {
+          const uint4* sz = reinterpret_cast<const uint4*>(meta + 4 * (static_cast<int64_t>(gi) * D + c0));
+          const uint4 a = sz[0], b = sz[1];
+          const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            x[i] = code[i] * h2f(static_cast<uint16_t>(w[i] & 0xffffu)) + h2f(static_cast<uint16_t>(w[i] >> 16));
+        }
+      } else {
+        const int g = L.group;
+        if (L.format == Format::kNF4) {
+          const float s2 = h2f(*reinterpret_cast<const uint16_t*>(meta + 2 * o));
+          const uint8_t ac = meta[2 * L.block_size + static_cast<int64_t>(o) * (D / g) + c0 / g];
+          const float us = static_cast<float>(ac) * s2;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) x[i] = nf4[static_cast<int>(code[i])] * us;
+        } else {
+          const uint32_t w = *reinterpret_cast<const uint32_t*>(meta + 4 * (static_cast<int64_t>(o) * (D / g) + c0 / g));
+          const float s = h2f(static_cast<uint16_t>(w & 0xffffu)), z = h2f(static_cast<uint16_t>(w >> 16));
+#pragma unroll
+          for (int i = 0; i < 8; ++i) x[i] = code[i] * s + z;
+        }
+      }
+      return;
+    }
+  }
+}
+
+__device__ __forceinline__ float load_scalar(const void* base, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::kF32: return static_cast<const float*>(base)[i];
+    case DType::kBF16: return __uint_as_float(static_cast<uint32_t>(static_cast<const uint16_t*>(base)[i]) << 16);
+    default: return h2f(static_cast<const uint16_t*>(base)[i]);
+  }
+}
+
+// Loads channels [c0, c0 + 8) of entry e of sequence s, head h. `heads` holds, per block-table
+// column of the split from `col0`, the address of this head's region in that block (null: the
+// block id is outside the pages, and the entry reads as zero and is masked). Block sizes are powers
+// of two here (log2 in `bs_shift`), so no integer division runs per token.
+__device__ __forceinline__ bool load_entry(const KParams& p, const PageLayout& L, const void* tail,
+                                           const int64_t* ts, int s, int h, int e, int plen, int skip, int c0,
+                                           const float* nf4, const uint8_t* const* heads, int col0, int bs_shift,
+                                           float* x) {
+  if (e < plen) {
+    const int pos = skip + e;
+    const uint8_t* head = heads[(pos >> bs_shift) - col0];
+    if (head == nullptr) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) x[i] = 0.0f;
+      return false;
+    }
+    load8(L, head, pos & ((1 << bs_shift) - 1), c0, nf4, x);
+    if (p.dtype != DType::kF32 && !is_passthrough(L.format)) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) x[i] = round_to(x[i], p.dtype);
+    }
+    return true;
+  }
+  const int64_t base = s * ts[0] + h * ts[1] + static_cast<int64_t>(e - plen) * ts[2] + c0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x[i] = load_scalar(tail, p.dtype, base + i);
+  return true;
+}
+
+// Butterfly reduce-scatter of R partial sums over the TPT lanes of a token: afterwards lane l holds
+// the full sum of row row_of(l) in v[0].
+template <int R, int TPT>
+__device__ __forceinline__ float reduce_rows(float (&v)[R], int lane_c, int& row) {
+  row = 0;
+  int count = R;
+#pragma unroll
+  for (int mask = TPT / 2; mask >= 1; mask >>= 1) {
+    if (count > 1) {
+      const int half = count / 2;
+      const bool upper = (lane_c & mask) != 0;
+#pragma unroll
+      for (int i = 0; i < R / 2; ++i) {
+        if (i < half) {
+          const float send = upper ? v[i] : v[i + half];
+          const float keep = upper ? v[i + half] : v[i];
+          v[i] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
+        }
+      }
+      if (upper) row += half;
+      count = half;
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], mask);
+    }
+  }
+  // count > 1 only if R > TPT: reduce the rest locally is impossible; R <= TPT is required.
+  return v[0];
+}
+
+template <int D, int R>
+__global__ void __launch_bounds__(kThreads, 4) attention_kernel(const __grid_constant__ KParams p) {
+  constexpr int TPT = D / kC;
+  constexpr int TOK = kThreads / TPT;
+  static_assert(R <= TPT, "rows per block must not exceed lanes per token");
+  extern __shared__ float smem[];
+  __shared__ float nf4[16];
+  __shared__ float sm_m[R], sm_l[R];
+  const int split = blockIdx.x;
+  const int h = blockIdx.y / p.row_tiles, rt = blockIdx.y % p.row_tiles;
+  const int s = blockIdx.z;
+  const int tid = threadIdx.x, slot = tid / TPT, lane_c = tid % TPT, c0 = lane_c * kC;
+  if (tid < 16) nf4[tid] = kNF4[tid];
+  const int64_t plen = p.lens[s];
+  const int64_t skip = p.skip ? p.skip[s] : 0;
+  const int64_t n = plen + p.tail_len;
+  const int64_t S = p.split_tokens;
+
+  float q[R][kC];
+  int64_t lo[R], hi[R];
+  int64_t row_lo = INT64_MAX, row_hi = -1;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int gr = rt * R + r;
+    if (gr < p.rows) {
+      const int t = gr / p.gqa, j = gr % p.gqa;
+      hi[r] = n - p.Lq + t;
+      lo[r] = p.window > 0 ? max(hi[r] - p.window + 1, static_cast<int64_t>(0)) : 0;
+      const float* qp = p.q + ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D + c0;
+      const float4 a = *reinterpret_cast<const float4*>(qp), b = *reinterpret_cast<const float4*>(qp + 4);
+      const float qq[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int c = 0; c < kC; ++c) q[r][c] = qq[c] * p.scale;
+      row_lo = min(row_lo, lo[r]);
+      row_hi = max(row_hi, hi[r]);
+    } else {
+      hi[r] = -1;
+      lo[r] = 0;
+#pragma unroll
+      for (int c = 0; c < kC; ++c) q[r][c] = 0.0f;
+    }
+  }
+  const int64_t e0 = max(static_cast<int64_t>(split) * S, row_lo);
+  const int64_t e1 = min(min((static_cast<int64_t>(split) + 1) * S, n), row_hi + 1);
+  const int64_t len = max(e1 - e0, static_cast<int64_t>(0));
+  const uint8_t* mask = p.mask ? p.mask + s * p.mask_stride + p.mask_offset : nullptr;
+  const int mask_n = static_cast<int>(min(p.mask_len - p.mask_offset, static_cast<int64_t>(1) << 30));  // entries past the mask are not masked
+  __syncthreads();
+
+  // The split's head-region addresses, once, in shared memory (no table lookup or division per token).
+  __shared__ const uint8_t* k_heads[kMaxSplitBlocks];
+  __shared__ const uint8_t* v_heads[kMaxSplitBlocks];
+  const int bs_shift = __ffs(p.k.L.block_size) - 1;
+  const int col0 = static_cast<int>((skip + e0) >> bs_shift);
+  const int ncols = len > 0 ? static_cast<int>((skip + e1 - 1) >> bs_shift) - col0 + 1 : 0;
+  for (int j = tid; j < ncols && j < kMaxSplitBlocks; j += kThreads) {
+    const int64_t col = col0 + j;
+    const int64_t blk = col < p.max_blocks ? p.table[static_cast<int64_t>(s) * p.max_blocks + col] : -1;
+    const bool ok = blk >= 0 && blk < p.k.id_space && blk < p.v.id_space;
+    k_heads[j] = ok ? p.k.chunk[blk / p.k.bpc] + (blk % p.k.bpc) * p.k.L.block_bytes + h * p.k.L.head_bytes : nullptr;
+    v_heads[j] = ok ? p.v.chunk[blk / p.v.bpc] + (blk % p.v.bpc) * p.v.L.block_bytes + h * p.v.L.head_bytes : nullptr;
+  }
+  __syncthreads();
+  const int ie0 = static_cast<int>(e0), iplen = static_cast<int>(plen), iskip = static_cast<int>(skip);
+  const int ilen = static_cast<int>(len);
+
+  // Keys: scores[r][i] for entries e0 + i; U tokens per thread in flight.
+  float* sc = smem;
+  for (int i0 = 0; i0 < ilen; i0 += TOK * U) {
+    float x[U][kC];
+    bool ok[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * TOK + slot;
+      ok[u] = false;
+      if (i < ilen) {
+        ok[u] = load_entry(p, p.k.L, p.kt, p.kts, s, h, ie0 + i, iplen, iskip, c0, nf4, k_heads,
+                           col0, bs_shift, x[u]);
+      } else {
+#pragma unroll
+        for (int c = 0; c < kC; ++c) x[u][c] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * TOK + slot;
+      const int e = ie0 + i;
+      float part[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float a = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kC; ++c) a = fmaf(q[r][c], x[u][c], a);
+        part[r] = a;
+      }
+      int row;
+      float dot = reduce_rows<R, TPT>(part, lane_c, row);
+      // One writer per row: the lowest lane of the lanes that share the row.
+      constexpr int share = TPT / R;
+      if (i < ilen && (lane_c % share) == 0) {
+        bool allowed = ok[u] && (mask == nullptr || e >= mask_n || mask[e] != 0);
+        int lor = 0, hir = -1;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (r == row) {
+            lor = lo[r];
+            hir = hi[r];
+          }
+        }
+        allowed = allowed && e >= lor && e <= hir;
+        if (p.softcap > 0.0f) dot = p.softcap * tanhf(dot / p.softcap);
+        sc[row * S + i] = allowed ? dot : -INFINITY;
+      }
+    }
+  }
+  __syncthreads();
+
+  // Softmax over the split, one warp per row.
+  const int warp = tid / 32, lane = tid % 32;
+  for (int r = warp; r < R; r += kThreads / 32) {
+    float mx = -INFINITY;
+    for (int64_t i = lane; i < len; i += 32) mx = fmaxf(mx, sc[r * S + i]);
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.0f;
+    for (int64_t i = lane; i < len; i += 32) {
+      const float v = sc[r * S + i];
+      const float e = mx == -INFINITY ? 0.0f : __expf(v - mx);
+      sum += e;
+      sc[r * S + i] = round_to(e, p.dtype);
+    }
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) {
+      sm_m[r] = mx;
+      sm_l[r] = sum;
+    }
+  }
+  __syncthreads();
+
+  // Values.
+  float acc[R][kC];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < kC; ++c) acc[r][c] = 0.0f;
+  for (int i0 = 0; i0 < ilen; i0 += TOK * U) {
+    float x[U][kC];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * TOK + slot;
+      if (i < ilen) {
+        load_entry(p, p.v.L, p.vt, p.vts, s, h, ie0 + i, iplen, iskip, c0, nf4, v_heads, col0,
+                   bs_shift, x[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u * TOK + slot;
+      if (i >= ilen) continue;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float pr = sc[r * S + i];
+#pragma unroll
+        for (int c = 0; c < kC; ++c) acc[r][c] = fmaf(pr, x[u][c], acc[r][c]);
+      }
+    }
+  }
+  __syncthreads();
+  float* red = smem;  // [TOK][R][D]
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < kC; ++c) red[(slot * R + r) * D + c0 + c] = acc[r][c];
+  __syncthreads();
+  const int64_t base = (static_cast<int64_t>(s) * p.H + h) * p.num_splits + split;
+  for (int w = tid; w < R * D; w += kThreads) {
+    const int r = w / D, d = w % D;
+    const int gr = rt * R + r;
+    if (gr >= p.rows) continue;
+    float a = 0.0f;
+#pragma unroll
+    for (int k = 0; k < TOK; ++k) a += red[(k * R + r) * D + d];
+    p.pacc[(base * p.rows + gr) * D + d] = a;
+    if (d == 0) {
+      p.pml[(base * p.rows + gr) * 2] = sm_m[r];
+      p.pml[(base * p.rows + gr) * 2 + 1] = sm_l[r];
+    }
+  }
+}
+
+// Generic head_dim: one thread per (sequence, kv head, row, split), scalar decode. Correct, slow.
+__global__ void attention_generic_kernel(const __grid_constant__ KParams p) {
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t total = static_cast<int64_t>(p.B) * p.H * p.rows * p.num_splits;
+  if (w >= total) return;
+  const int split = static_cast<int>(w % p.num_splits);
+  const int gr = static_cast<int>((w / p.num_splits) % p.rows);
+  const int h = static_cast<int>((w / (p.num_splits * p.rows)) % p.H);
+  const int s = static_cast<int>(w / (static_cast<int64_t>(p.num_splits) * p.rows * p.H));
+  const int D = p.k.L.head_dim;
+  const int64_t plen = p.lens[s], skip = p.skip ? p.skip[s] : 0, n = plen + p.tail_len;
+  const int t = gr / p.gqa, j = gr % p.gqa;
+  const int64_t hi = n - p.Lq + t;
+  const int64_t lo = p.window > 0 ? max(hi - p.window + 1, static_cast<int64_t>(0)) : 0;
+  const int64_t e0 = max(static_cast<int64_t>(split) * p.split_tokens, lo);
+  const int64_t e1 = min(min((static_cast<int64_t>(split) + 1) * p.split_tokens, n), hi + 1);
+  const float* q = p.q + ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D;
+  float acc[256], kx[256];
+  for (int d = 0; d < D; ++d) acc[d] = 0.0f;
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t e = e0; e < e1; ++e) {
+    if (p.mask && p.mask_offset + e < p.mask_len && p.mask[s * p.mask_stride + p.mask_offset + e] == 0) continue;
+    const DevView* views[2] = {&p.k, &p.v};
+    bool ok = true;
+    float score = 0.0f;
+    for (int kv = 0; kv < 2 && ok; ++kv) {
+      const DevView& v = *views[kv];
+      if (e < plen) {
+        const int64_t pos = skip + e, col = pos / v.L.block_size;
+        const int64_t blk = col < p.max_blocks ? p.table[static_cast<int64_t>(s) * p.max_blocks + col] : -1;
+        if (blk < 0 || blk >= v.id_space) { ok = false; break; }
+        decode_token(v.L, v.chunk[blk / v.bpc] + (blk % v.bpc) * v.L.block_bytes + h * v.L.head_bytes,
+                     pos % v.L.block_size, kx);
+        if (p.dtype != DType::kF32 && !is_passthrough(v.L.format))
+          for (int d = 0; d < D; ++d) kx[d] = round_to(kx[d], p.dtype);
+      } else {
+        const void* tail = kv == 0 ? p.kt : p.vt;
+        const int64_t* ts = kv == 0 ? p.kts : p.vts;
+        for (int d = 0; d < D; ++d) kx[d] = load_scalar(tail, p.dtype, s * ts[0] + h * ts[1] + (e - plen) * ts[2] + d);
+      }
+      if (kv == 0) {
+        for (int d = 0; d < D; ++d) score = fmaf(q[d] * p.scale, kx[d], score);
+        if (p.softcap > 0.0f) score = p.softcap * tanhf(score / p.softcap);
+        const float m_new = fmaxf(m, score);
+        const float c = m == -INFINITY ? 0.0f : __expf(m - m_new);
+        l *= c;
+        for (int d = 0; d < D; ++d) acc[d] *= c;
+        m = m_new;
+      } else {
+        const float pe = __expf(score - m);
+        l += pe;
+        const float pr = round_to(pe, p.dtype);
+        for (int d = 0; d < D; ++d) acc[d] = fmaf(pr, kx[d], acc[d]);
+      }
+    }
+  }
+  const int64_t base = ((static_cast<int64_t>(s) * p.H + h) * p.num_splits + split) * p.rows + gr;
+  for (int d = 0; d < D; ++d) p.pacc[base * D + d] = acc[d];
+  p.pml[base * 2] = m;
+  p.pml[base * 2 + 1] = l;
+}
+
+// One thread block per (sequence, kv head, row): combine the splits, write [B, Lq, Hq, D].
+__global__ void merge_kernel(const __grid_constant__ KParams p) {
+  const int gr = blockIdx.x, h = blockIdx.y, s = blockIdx.z;
+  const int D = p.k.L.head_dim;
+  const int64_t base0 = (static_cast<int64_t>(s) * p.H + h) * p.num_splits;
+  float mx = -INFINITY;
+  for (int k = 0; k < p.num_splits; ++k) mx = fmaxf(mx, p.pml[((base0 + k) * p.rows + gr) * 2]);
+  float sum = 0.0f;
+  for (int k = 0; k < p.num_splits; ++k) {
+    const float mk = p.pml[((base0 + k) * p.rows + gr) * 2];
+    if (mk != -INFINITY) sum += __expf(mk - mx) * p.pml[((base0 + k) * p.rows + gr) * 2 + 1];
+  }
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  const int t = gr / p.gqa, j = gr % p.gqa;
+  const int64_t o = ((static_cast<int64_t>(s) * p.Lq + t) * p.Hq + h * p.gqa + j) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float a = 0.0f;
+    for (int k = 0; k < p.num_splits; ++k) {
+      const float mk = p.pml[((base0 + k) * p.rows + gr) * 2];
+      if (mk != -INFINITY) a += __expf(mk - mx) * p.pacc[((base0 + k) * p.rows + gr) * D + d];
+    }
+    a *= inv;
+    switch (p.dtype) {
+      case DType::kF32: static_cast<float*>(p.out)[o + d] = a; break;
+      case DType::kBF16: static_cast<__nv_bfloat16*>(p.out)[o + d] = __float2bfloat16_rn(a); break;
+      default: static_cast<__half*>(p.out)[o + d] = __float2half_rn(a); break;
+    }
+  }
+}
+
+bool fast_head_dim(int D) { return D == 64 || D == 128 || D == 256; }
+bool pow2(int64_t x) { return x > 0 && (x & (x - 1)) == 0; }
+bool fast_path(const AttentionParams& p) {
+  return fast_head_dim(static_cast<int>(p.head_dim())) && pow2(p.k.layout.block_size) &&
+         p.seq_lens != nullptr && p.max_blocks_per_seq * p.k.layout.block_size + p.tail_len < (int64_t{1} << 30);
+}
+int rows_per_block(const AttentionParams& p) { return p.rows() >= 8 ? 8 : 4; }
+int64_t max_split(int R) { return R == 8 ? 1024 : 2048; }
+
+DevView make_dev_view(const PagedView& v) {
+  DevView d;
+  for (int64_t i = 0; i < v.num_chunks; ++i) d.chunk[i] = v.chunks[i];
+  d.L = v.layout;
+  d.bpc = v.blocks_per_chunk;
+  d.id_space = v.id_space();
+  return d;
+}
+
+template <int D, int R>
+cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
+  constexpr int TPT = D / kC, TOK = kThreads / TPT;
+  const size_t smem = sizeof(float) * std::max<int64_t>(R * k.split_tokens, TOK * R * D);
+  if (smem > 48 * 1024) {
+    PKV_CUDA_TRY(cudaFuncSetAttribute(attention_kernel<D, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  }
+  attention_kernel<D, R><<<grid, kThreads, smem, stream>>>(k);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, int64_t forced_splits) {
+  const int R = rows_per_block(p);
+  const int64_t row_tiles = (p.rows() + R - 1) / R;
+  const int64_t base = std::max<int64_t>(1, p.num_seqs * p.num_kv_heads() * row_tiles);
+  const int64_t n = std::max<int64_t>(max_entries, 1);
+  int64_t splits = forced_splits;
+  if (splits <= 0) {
+    splits = std::max<int64_t>(1, (4 * static_cast<int64_t>(num_sms) + base - 1) / base);
+    splits = std::min(splits, std::max<int64_t>(1, n / 256));
+  }
+  int64_t split = (n + splits - 1) / splits;
+  split = (split + 15) / 16 * 16;
+  if (fast_path(p)) split = std::min<int64_t>(split, max_split(R));
+  p.split_tokens = split;
+  p.num_splits = (n + split - 1) / split;
+}
+
+cudaError_t paged_attention_cuda(const AttentionParams& p, const float* query_f32, cudaStream_t stream) {
+  if (p.k.num_chunks > kMaxAttentionChunks || p.v.num_chunks > kMaxAttentionChunks) return cudaErrorInvalidValue;
+  if (p.head_dim() > 256 || p.head_dim() % 8 != 0) {
+    if (p.head_dim() > 256) return cudaErrorInvalidValue;
+  }
+  if (p.num_seqs == 0) return cudaSuccess;
+  KParams k;
+  k.k = make_dev_view(p.k);
+  k.v = make_dev_view(p.v);
+  k.table = p.block_table;
+  k.max_blocks = p.max_blocks_per_seq;
+  k.lens = p.seq_lens;
+  k.skip = p.skip;
+  k.q = query_f32;
+  k.kt = p.k_tail;
+  k.vt = p.v_tail;
+  for (int i = 0; i < 3; ++i) {
+    k.kts[i] = p.kt_stride[i];
+    k.vts[i] = p.vt_stride[i];
+  }
+  k.tail_len = p.tail_len;
+  k.dtype = p.dtype;
+  k.mask = p.kv_mask;
+  k.mask_stride = p.mask_stride;
+  k.mask_offset = p.mask_offset;
+  k.mask_len = p.mask_len;
+  k.B = static_cast<int32_t>(p.num_seqs);
+  k.Hq = static_cast<int32_t>(p.num_q_heads);
+  k.Lq = static_cast<int32_t>(p.q_len);
+  k.H = static_cast<int32_t>(p.num_kv_heads());
+  k.gqa = static_cast<int32_t>(p.group_size());
+  k.rows = static_cast<int32_t>(p.rows());
+  k.scale = p.scale;
+  k.softcap = p.softcap;
+  k.window = p.window;
+  k.split_tokens = p.split_tokens;
+  k.num_splits = p.num_splits;
+  k.pacc = p.partial_acc;
+  k.pml = p.partial_ml;
+  k.out = p.out;
+  const int D = static_cast<int>(p.head_dim());
+  if (fast_path(p)) {
+    const int R = rows_per_block(p);
+    k.row_tiles = (k.rows + R - 1) / R;
+    const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(k.H * k.row_tiles),
+                    static_cast<unsigned>(p.num_seqs));
+    cudaError_t err;
+    if (D == 64) err = R == 8 ? launch<64, 8>(k, grid, stream) : launch<64, 4>(k, grid, stream);
+    else if (D == 128) err = R == 8 ? launch<128, 8>(k, grid, stream) : launch<128, 4>(k, grid, stream);
+    else err = R == 8 ? launch<256, 8>(k, grid, stream) : launch<256, 4>(k, grid, stream);
+    PKV_CUDA_TRY(err);
+  } else {
+    k.row_tiles = 1;
+    const int64_t total = p.num_seqs * k.H * k.rows * p.num_splits;
+    attention_generic_kernel<<<static_cast<unsigned>((total + 127) / 128), 128, 0, stream>>>(k);
+    PKV_CUDA_TRY(cudaGetLastError());
+  }
+  merge_kernel<<<dim3(k.rows, k.H, k.B), 64, 0, stream>>>(k);
+  return cudaGetLastError();
+}
+
+}  // namespace pagedkv

@@ -1,0 +1,135 @@
+"""Decode attention: the fused ``paged_attention`` op per format against torch SDPA on a dense cache
+(bf16 on GPU, fp32 on CPU), measured side by side in one run.
+
+For every (head shape, batch, context) it reports µs, the ratio SDPA time / our time, and the
+effective bandwidth: bytes actually read (pages of the used blocks, scales included; SDPA: the dense
+K/V) over time. The device's copy bandwidth is measured first, as the ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from pagedkv import ops
+from pagedkv.bench.common import environment, markdown_table, write_json
+from pagedkv.bench.timing import copy_bandwidth_gbs, median_time_us, plot_lines
+from pagedkv.config import FORMATS, GROUPED, KEY, VALUE, group_for, layout
+
+SHAPES = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64)}
+ALL_FORMATS = ["bf16", "fp8_e4m3", "int8", "nf4", "int4", "int2"]
+
+
+class Pages:
+    """Keys/values of ``batch`` sequences of ``ctx`` tokens in shuffled blocks of one format."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int):
+        b, h, n, d = k.shape
+        dev = k.device
+        self.fmt, self.bs, self.h = fmt, block_size, h
+        self.kg = group_for(fmt, KEY, d, None, None, block_size)
+        self.vg = group_for(fmt, VALUE, d, None, None, block_size)
+        kl = layout(fmt, KEY, h, d, block_size, self.kg)
+        vl = layout(fmt, VALUE, h, d, block_size, self.vg)
+        per_seq = -(-n // block_size)
+        total = b * per_seq
+        self.bpc = total
+        self.table = torch.randperm(total, device=dev, dtype=torch.int64).reshape(b, per_seq)
+        self.k_pages = [torch.empty(total, kl["block_bytes"], dtype=torch.uint8, device=dev)]
+        self.v_pages = [torch.empty(total, vl["block_bytes"], dtype=torch.uint8, device=dev)]
+        pos = torch.arange(n, device=dev)
+        slots = (self.table[:, pos // block_size] * block_size + pos % block_size).reshape(-1)
+        kw = dict(block_size=block_size, blocks_per_chunk=self.bpc)
+        ops.append(k.transpose(1, 2).reshape(b * n, h, d), self.k_pages, slots, format=FORMATS[fmt], role=KEY,
+                   group=self.kg, **kw)
+        ops.append(v.transpose(1, 2).reshape(b * n, h, d), self.v_pages, slots, format=FORMATS[fmt], role=VALUE,
+                   group=self.vg, **kw)
+        self.table = self.table.to(torch.int32)
+        self.lens = torch.full((b,), n, dtype=torch.int32, device=dev)
+        self.bytes = total * (kl["block_bytes"] + vl["block_bytes"])
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        f = FORMATS[self.fmt]
+        return ops.paged_attention(q, self.k_pages, self.v_pages, self.table, self.lens, k_format=f, v_format=f,
+                                   k_group=self.kg, v_group=self.vg, block_size=self.bs, blocks_per_chunk=self.bpc,
+                                   num_kv_heads=self.h, scale=q.shape[-1] ** -0.5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m pagedkv.bench attention", description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--batches", nargs="+", type=int, default=None)
+    ap.add_argument("--contexts", nargs="+", type=int, default=None)
+    ap.add_argument("--formats", nargs="+", default=ALL_FORMATS, choices=list(FORMATS))
+    ap.add_argument("--max-tokens", type=int, default=None, help="skip batch x context above this")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (timings on 2 cores are noise otherwise)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    if not gpu:
+        torch.set_num_threads(args.threads)
+    batches = args.batches or ([1, 8, 32] if gpu else [1, 8])
+    contexts = args.contexts or ([1024, 4096, 16384, 32768, 131072] if gpu else [1024, 4096, 16384])
+    max_tokens = args.max_tokens or ((1 << 20) if gpu else (1 << 17))
+    dense_dtype = torch.bfloat16 if gpu else torch.float32
+    env = environment()
+    copy_bw = copy_bandwidth_gbs(dev, (2 << 30) if gpu else (256 << 20))
+    print(f"device {env['device']}: measured copy bandwidth {copy_bw:.0f} GB/s (read + write)")
+    rows, records = [], []
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    torch.manual_seed(0)
+    for shape in args.shapes:
+        hq, hkv, d = SHAPES[shape]
+        for b in batches:
+            panel = panels.setdefault(f"{shape} batch {b}", {})
+            for n in contexts:
+                if b * n > max_tokens:
+                    continue
+                q = torch.randn(b, hq, 1, d, device=dev, dtype=dense_dtype)
+                k = torch.randn(b, hkv, n, d, device=dev, dtype=dense_dtype)
+                v = torch.randn(b, hkv, n, d, device=dev, dtype=dense_dtype)
+                sdpa_us = median_time_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), dev,
+                                         reps=args.reps)
+                sdpa_bytes = k.nbytes + v.nbytes
+                name = f"sdpa {str(dense_dtype).split('.')[-1]}"
+                panel.setdefault(name, []).append((n, sdpa_us))
+                rec = dict(shape=shape, batch=b, context=n, method=name, us=sdpa_us, speedup=1.0,
+                           gbs=sdpa_bytes / sdpa_us / 1e3, bytes=sdpa_bytes)
+                records.append(rec)
+                rows.append([shape, b, n, name, f"{sdpa_us:.1f}", "1.00", f"{rec['gbs']:.0f}",
+                             f"{100 * rec['gbs'] / copy_bw:.0f}%"])
+                ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+                for fmt in args.formats:
+                    bs = 64 if fmt in GROUPED else 16
+                    pages = Pages(k, v, fmt, bs)
+                    qq = q if gpu else q
+                    out = pages(qq)
+                    err = (out.transpose(1, 2).float() - ref).abs().max().item()
+                    us = median_time_us(lambda: pages(qq), dev, reps=args.reps)
+                    rec = dict(shape=shape, batch=b, context=n, method=fmt, us=us, speedup=sdpa_us / us,
+                               gbs=pages.bytes / us / 1e3, bytes=pages.bytes, max_abs_err_vs_dense=err)
+                    records.append(rec)
+                    panel.setdefault(fmt, []).append((n, us))
+                    rows.append([shape, b, n, fmt, f"{us:.1f}", f"{sdpa_us / us:.2f}", f"{rec['gbs']:.0f}",
+                                 f"{100 * rec['gbs'] / copy_bw:.0f}%"])
+                    del pages
+                del k, v
+                if gpu:
+                    torch.cuda.empty_cache()
+                print(f"done {shape} batch {b} context {n}", flush=True)
+    print(f"\n{env['device']} ({env['date']}), copy bandwidth {copy_bw:.0f} GB/s; speedup = SDPA µs / ours\n")
+    print(markdown_table(["shape", "batch", "context", "method", "µs", "speedup vs SDPA", "GB/s read",
+                          "% of copy bw"], rows))
+    write_json(args.json, {"env": env, "copy_bandwidth_gbs": copy_bw, "results": records})
+    if args.plot:
+        plot_lines(args.plot, f"decode attention, {env['device']}", panels, "context (tokens)", "µs")
+
+
+if __name__ == "__main__":
+    main()
