@@ -482,6 +482,8 @@ class PagedKVCache(Cache):
     def crop(self, max_length: int) -> None:
         """Drop the newest tokens (assisted decoding). ``crop(-n)`` removes ``n`` tokens; on transformers
         versions whose ``crop`` takes a length, ``crop(n >= 0)`` keeps the first ``n``."""
+        if isinstance(max_length, torch.Tensor) and max_length.numel() == 1 and not max_length.is_floating_point():
+            max_length = int(max_length)  # transformers 5.17's assisted decoding passes a 0-d tensor
         if isinstance(max_length, bool) or not isinstance(max_length, int):
             raise TypeError(f"crop takes an int, got {max_length!r}")
         current = self.get_seq_length()
