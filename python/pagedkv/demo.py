@@ -47,14 +47,17 @@ def main(argv: list[str] | None = None) -> None:
 
     dyn = DynamicCache()
     ref, t_ref = run(model, ids, dyn, args.new_tokens)
+    # The fused "pagedkv" attention reads the quantized pages directly while decoding.
+    model.set_attn_implementation("pagedkv")
     paged = pagedkv.PagedKVCache(model.config, kv_format=args.format)
     out, t_out = run(model, ids, paged, args.new_tokens)
+    model.set_attn_implementation("sdpa")
 
     stats = paged.memory_stats()
     dyn_bytes = dynamic_cache_bytes(dyn)
     same = (out == ref).float().mean().item()
     print(f"DynamicCache ({model.dtype}):\n  {tok.decode(ref[:60])!r}...\n")
-    print(f"PagedKVCache({args.format}):\n  {tok.decode(out[:60])!r}...\n")
+    print(f"PagedKVCache({args.format}), attn_implementation='pagedkv':\n  {tok.decode(out[:60])!r}...\n")
     print(f"| cache | KV bytes | bytes/token | tokens/s (prefill+decode) |")
     print(f"|---|---|---|---|")
     tokens = ids.shape[1] + args.new_tokens

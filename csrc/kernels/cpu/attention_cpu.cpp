@@ -134,6 +134,18 @@ void store_row(void* base, DType dt, int64_t offset, int D, const float* v) {
   }
 }
 
+// exp(x) for x <= 0 (x = -inf gives exactly 0), vectorizable: 2^(x log2 e) split into an integer
+// power (exponent bits) and a degree-6 polynomial of the fraction; relative error ~2e-7.
+inline float exp_nonpositive(float x) {
+  const float t = std::fmax(x, -126.0f) * 1.4426950408889634f;
+  const float fi = std::floor(t);
+  const float f = t - fi;
+  const float poly = 1.0f + f * (0.69314718f + f * (0.24022652f + f * (0.05550411f + f * (0.00961813f +
+                     f * (0.00133336f + f * 0.00015404f)))));
+  const float scale = bits_float(static_cast<uint32_t>(static_cast<int32_t>(fi) + 127) << 23);
+  return x == -std::numeric_limits<float>::infinity() ? 0.0f : poly * scale;
+}
+
 // With half-precision inputs the probabilities enter the value product rounded to that precision
 // (the row sum stays fp32), as FlashAttention and torch's CPU flash kernel do, so results track
 // sdpa on the same inputs.
@@ -165,8 +177,10 @@ class RowDecoder {
  public:
   explicit RowDecoder(const PageLayout& L) : L_(L), ch_scale_(L.head_dim), ch_zero_(L.head_dim) {}
 
+  // DC > 0: the head dim as a compile-time constant (fixed trip counts); 0: the layout's.
+  template <int DC>
   void decode(const uint8_t* head, int64_t o, float* out) {
-    const int D = L_.head_dim;
+    const int D = DC > 0 ? DC : L_.head_dim;
     const uint8_t* row = head + o * L_.code_bytes_per_token;
     const uint8_t* meta = head + L_.code_bytes;
     switch (L_.format) {
@@ -205,7 +219,7 @@ class RowDecoder {
       case Format::kNF4:
         if (L_.role == Role::kKey) {
           key_params(head, o / L_.group);
-          decode_codes(row, D, out);
+          decode_codes<DC>(row, D, out);
           const float* s = ch_scale_.data();
           const float* z = ch_zero_.data();
           if (L_.format == Format::kNF4) {
@@ -216,7 +230,7 @@ class RowDecoder {
             for (int d = 0; d < D; ++d) out[d] = out[d] * s[d] + z[d];
           }
         } else {
-          decode_codes(row, D, out);
+          decode_codes<DC>(row, D, out);
           const int g = L_.group;
           if (L_.format == Format::kNF4) {
             uint16_t s2_h;
@@ -244,7 +258,9 @@ class RowDecoder {
   static float nf4_lut(float code) { return nf4_value(static_cast<uint32_t>(code)); }
 
   // Unpacks sub-byte codes to floats (code values, not yet scaled).
-  void decode_codes(const uint8_t* row, int D, float* out) const {
+  template <int DC>
+  void decode_codes(const uint8_t* row, int D_, float* out) const {
+    const int D = DC > 0 ? DC : D_;
     if (code_bits(L_.format) == 4) {
 #pragma omp simd
       for (int i = 0; i < D / 2; ++i) {
@@ -290,18 +306,18 @@ class RowDecoder {
 };
 
 // Iterates the entries [e0, e1) of sequence s, KV head h, as dequantized fp32 rows.
-template <typename F>
+template <int DC, typename F>
 void for_each_row(const AttentionParams& p, const PagedView& view, RowDecoder& dec, const void* tail,
                   const int64_t* tail_stride, int64_t s, int64_t h, int64_t e0, int64_t e1, float* buf, F&& f) {
   const PageLayout& L = view.layout;
-  const int D = L.head_dim;
+  const int D = DC > 0 ? DC : L.head_dim;
   const int64_t plen = p.seq_lens[s];
   const int64_t skip = p.skip ? p.skip[s] : 0;
   const int32_t* table = p.block_table + s * p.max_blocks_per_seq;
   const bool round = p.dtype != DType::kF32 && !is_passthrough(L.format);
   for (int64_t e = e0; e < std::min(e1, plen); ++e) {
     const int64_t pos = skip + e;
-    dec.decode(view.head_ptr(table[pos / L.block_size], h), pos % L.block_size, buf);
+    dec.template decode<DC>(view.head_ptr(table[pos / L.block_size], h), pos % L.block_size, buf);
     if (round) round_row(buf, D, p.dtype);
     f(e, buf);
   }
@@ -311,10 +327,9 @@ void for_each_row(const AttentionParams& p, const PagedView& view, RowDecoder& d
   }
 }
 
-}  // namespace
-
-void attention_cpu(const AttentionParams& p, int64_t begin, int64_t end) {
-  const int D = static_cast<int>(p.head_dim());
+template <int DC>
+void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
+  const int D = DC > 0 ? DC : static_cast<int>(p.head_dim());
   const int64_t H = p.num_kv_heads();
   const int64_t G = p.group_size();
   const int64_t R = p.rows();
@@ -352,7 +367,7 @@ void attention_cpu(const AttentionParams& p, int64_t begin, int64_t end) {
         const uint8_t* mk = p.kv_mask + s * p.mask_stride + p.mask_offset;
         for (int64_t e = e0; e < e1; ++e) allowed[e - e0] = mk[e] != 0;
       }
-      for_each_row(p, p.k, kdec, p.k_tail, p.kt_stride, s, h, e0, e1, buf.data(), [&](int64_t e, const float* k) {
+      for_each_row<DC>(p, p.k, kdec, p.k_tail, p.kt_stride, s, h, e0, e1, buf.data(), [&](int64_t e, const float* k) {
         if (!allowed[e - e0]) return;
         for (int64_t r = 0; r < R; ++r) {
           if (e < lo[r] || e > hi[r]) continue;
@@ -371,14 +386,18 @@ void attention_cpu(const AttentionParams& p, int64_t begin, int64_t end) {
         m[r] = mx;
         if (mx == kNegInf) continue;
         float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < len; ++i) {
-          const float e = std::exp(sr[i] - mx);
+          const float e = exp_nonpositive(sr[i] - mx);
+          sr[i] = e;
           sum += e;
-          sr[i] = round_p(e, p.dtype);
+        }
+        if (p.dtype != DType::kF32) {
+          for (int64_t i = 0; i < len; ++i) sr[i] = round_p(sr[i], p.dtype);
         }
         l[r] = sum;
       }
-      for_each_row(p, p.v, vdec, p.v_tail, p.vt_stride, s, h, e0, e1, buf.data(), [&](int64_t e, const float* v) {
+      for_each_row<DC>(p, p.v, vdec, p.v_tail, p.vt_stride, s, h, e0, e1, buf.data(), [&](int64_t e, const float* v) {
         if (!allowed[e - e0]) return;
         for (int64_t r = 0; r < R; ++r) {
           if (e < lo[r] || e > hi[r]) continue;
@@ -407,6 +426,17 @@ void attention_cpu(const AttentionParams& p, int64_t begin, int64_t end) {
   }
 }
 
+}  // namespace
+
+void attention_cpu(const AttentionParams& p, int64_t begin, int64_t end) {
+  switch (p.head_dim()) {
+    case 64: return attention_items<64>(p, begin, end);
+    case 128: return attention_items<128>(p, begin, end);
+    case 256: return attention_items<256>(p, begin, end);
+    default: return attention_items<0>(p, begin, end);
+  }
+}
+
 void attention_merge_cpu(const AttentionParams& p, int64_t begin, int64_t end) {
   const int D = static_cast<int>(p.head_dim());
   const int64_t H = p.num_kv_heads();
@@ -426,7 +456,7 @@ void attention_merge_cpu(const AttentionParams& p, int64_t begin, int64_t end) {
           const int64_t base = (w * p.num_splits + k) * R + r;
           const float mk = p.partial_ml[base * 2];
           if (mk == kNegInf) continue;
-          const float c = std::exp(mk - mx);
+          const float c = exp_nonpositive(mk - mx);
           sum += c * p.partial_ml[base * 2 + 1];
           const float* a = p.partial_acc + base * D;
 #pragma omp simd

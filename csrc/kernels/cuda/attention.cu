@@ -22,7 +22,6 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kC = 8;  // channels per thread
-constexpr int U = 4;   // tokens per thread with loads in flight
 constexpr int kMaxSplitBlocks = 2048 / 16 + 2;  // block-table columns of the longest split
 
 struct DevView {
@@ -196,6 +195,28 @@ __device__ __forceinline__ bool load_entry(const KParams& p, const PageLayout& L
   return true;
 }
 
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copies the head regions of split columns [c, c + tb) (those that exist) into buf, 16 bytes per
+// thread per step, consecutive threads on consecutive bytes.
+__device__ __forceinline__ void stage_tile(const uint8_t* const* heads, int c, int ncols, int tb, int head_bytes,
+                                           uint8_t* buf, int tid) {
+  const int chunks = head_bytes >> 4;
+  for (int w = tid; w < tb * chunks; w += kThreads) {
+    const int b = w / chunks, k = w - b * chunks;
+    const uint8_t* src = c + b < ncols ? heads[c + b] : nullptr;
+    if (src != nullptr) cp_async16(buf + b * head_bytes + 16 * k, src + 16 * k);
+  }
+}
+
 // Butterfly reduce-scatter of R partial sums over the TPT lanes of a token: afterwards lane l holds
 // the full sum of row row_of(l) in v[0].
 template <int R, int TPT>
@@ -291,54 +312,95 @@ __global__ void __launch_bounds__(kThreads, 4) attention_kernel(const __grid_con
   const int ie0 = static_cast<int>(e0), iplen = static_cast<int>(plen), iskip = static_cast<int>(skip);
   const int ilen = static_cast<int>(len);
 
-  // Keys: scores[r][i] for entries e0 + i; U tokens per thread in flight.
+  // Keys: scores[r][i] for entries e0 + i. Paged entries come through shared memory: the head
+  // regions of TB blocks (a tile of >= 64 tokens) are copied with 16-byte cp.async by all threads,
+  // double-buffered, while the previous tile is scored; tail entries are read directly.
   float* sc = smem;
-  for (int i0 = 0; i0 < ilen; i0 += TOK * U) {
-    float x[U][kC];
-    bool ok[U];
+  const int ie1 = ie0 + ilen;
+  const int TB = max(1, 64 >> bs_shift);
+  const int tile_tok = TB << bs_shift;
+  const int ntiles = (ncols + TB - 1) / TB;
+  const int kv_bytes = max(static_cast<int>(p.k.L.head_bytes), static_cast<int>(p.v.L.head_bytes));
+  uint8_t* bufs[2] = {reinterpret_cast<uint8_t*>(smem + R * max(S, static_cast<int64_t>(kThreads * kC))),
+                      nullptr};
+  bufs[1] = bufs[0] + TB * kv_bytes;
+  const auto score = [&](const float (&x)[kC], bool in, bool valid, int e, int i) {
+    float part[R];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = i0 + u * TOK + slot;
-      ok[u] = false;
-      if (i < ilen) {
-        ok[u] = load_entry(p, p.k.L, p.kt, p.kts, s, h, ie0 + i, iplen, iskip, c0, nf4, k_heads,
-                           col0, bs_shift, x[u]);
-      } else {
+    for (int r = 0; r < R; ++r) {
+      float a = 0.0f;
 #pragma unroll
-        for (int c = 0; c < kC; ++c) x[u][c] = 0.0f;
-      }
+      for (int c = 0; c < kC; ++c) a = fmaf(q[r][c], x[c], a);
+      part[r] = a;
     }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = i0 + u * TOK + slot;
-      const int e = ie0 + i;
-      float part[R];
+    int row;
+    float dot = reduce_rows<R, TPT>(part, lane_c, row);
+    constexpr int share = TPT / R;  // lanes holding the same row sum; the lowest one writes
+    if (in && (lane_c % share) == 0) {
+      bool allowed = valid && (mask == nullptr || e >= mask_n || mask[e] != 0);
+      int lor = 0, hir = -1;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        float a = 0.0f;
-#pragma unroll
-        for (int c = 0; c < kC; ++c) a = fmaf(q[r][c], x[u][c], a);
-        part[r] = a;
-      }
-      int row;
-      float dot = reduce_rows<R, TPT>(part, lane_c, row);
-      // One writer per row: the lowest lane of the lanes that share the row.
-      constexpr int share = TPT / R;
-      if (i < ilen && (lane_c % share) == 0) {
-        bool allowed = ok[u] && (mask == nullptr || e >= mask_n || mask[e] != 0);
-        int lor = 0, hir = -1;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          if (r == row) {
-            lor = lo[r];
-            hir = hi[r];
-          }
+        if (r == row) {
+          lor = static_cast<int>(lo[r]);
+          hir = static_cast<int>(hi[r]);
         }
-        allowed = allowed && e >= lor && e <= hir;
-        if (p.softcap > 0.0f) dot = p.softcap * tanhf(dot / p.softcap);
-        sc[row * S + i] = allowed ? dot : -INFINITY;
       }
+      allowed = allowed && e >= lor && e <= hir;
+      if (p.softcap > 0.0f) dot = p.softcap * tanhf(dot / p.softcap);
+      sc[row * S + i] = allowed ? dot : -INFINITY;
     }
+  };
+  const int k_hb = static_cast<int>(p.k.L.head_bytes), v_hb = static_cast<int>(p.v.L.head_bytes);
+  const int bmask = (1 << bs_shift) - 1;
+  if (ntiles > 0) {
+    stage_tile(k_heads, 0, ncols, TB, k_hb, bufs[0], tid);
+    cp_async_commit();
+  }
+  for (int t = 0; t < ntiles; ++t) {
+    if (t + 1 < ntiles) {
+      stage_tile(k_heads, (t + 1) * TB, ncols, TB, k_hb, bufs[(t + 1) & 1], tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint8_t* buf = bufs[t & 1];
+    const int pos0 = (col0 + t * TB) << bs_shift;
+    for (int k0 = 0; k0 < tile_tok; k0 += TOK) {
+      const int k = k0 + slot;
+      const int e = pos0 + k - iskip;
+      const int i = e - ie0;
+      const bool in = e >= ie0 && e < ie1 && e < iplen;
+      const int bi = k >> bs_shift;
+      const bool valid = in && k_heads[t * TB + bi] != nullptr;
+      float x[kC];
+      if (valid) {
+        load8(p.k.L, buf + bi * k_hb, k & bmask, c0, nf4, x);
+        if (p.dtype != DType::kF32 && !is_passthrough(p.k.L.format)) {
+#pragma unroll
+          for (int c = 0; c < kC; ++c) x[c] = round_to(x[c], p.dtype);
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < kC; ++c) x[c] = 0.0f;
+      }
+      score(x, in, valid, e, i);
+    }
+    __syncthreads();  // the buffer is refilled two tiles later
+  }
+  for (int e00 = max(ie0, iplen); e00 < ie1; e00 += TOK) {  // tail entries
+    const int e = e00 + slot;
+    const bool in = e < ie1;
+    float x[kC];
+    if (in) {
+      load_entry(p, p.k.L, p.kt, p.kts, s, h, e, iplen, iskip, c0, nf4, k_heads, col0, bs_shift, x);
+    } else {
+#pragma unroll
+      for (int c = 0; c < kC; ++c) x[c] = 0.0f;
+    }
+    score(x, in, in, e, e - ie0);
   }
   __syncthreads();
 
@@ -371,27 +433,49 @@ __global__ void __launch_bounds__(kThreads, 4) attention_kernel(const __grid_con
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int c = 0; c < kC; ++c) acc[r][c] = 0.0f;
-  for (int i0 = 0; i0 < ilen; i0 += TOK * U) {
-    float x[U][kC];
+  const auto accumulate = [&](const float (&x)[kC], int i) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = i0 + u * TOK + slot;
-      if (i < ilen) {
-        load_entry(p, p.v.L, p.vt, p.vts, s, h, ie0 + i, iplen, iskip, c0, nf4, v_heads, col0,
-                   bs_shift, x[u]);
+    for (int r = 0; r < R; ++r) {
+      const float pr = sc[r * S + i];
+#pragma unroll
+      for (int c = 0; c < kC; ++c) acc[r][c] = fmaf(pr, x[c], acc[r][c]);
+    }
+  };
+  if (ntiles > 0) {
+    stage_tile(v_heads, 0, ncols, TB, v_hb, bufs[0], tid);
+    cp_async_commit();
+  }
+  for (int t = 0; t < ntiles; ++t) {
+    if (t + 1 < ntiles) {
+      stage_tile(v_heads, (t + 1) * TB, ncols, TB, v_hb, bufs[(t + 1) & 1], tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint8_t* buf = bufs[t & 1];
+    const int pos0 = (col0 + t * TB) << bs_shift;
+    for (int k0 = 0; k0 < tile_tok; k0 += TOK) {
+      const int k = k0 + slot;
+      const int e = pos0 + k - iskip;
+      const int bi = k >> bs_shift;
+      if (e >= ie0 && e < ie1 && e < iplen && v_heads[t * TB + bi] != nullptr) {
+        float x[kC];
+        load8(p.v.L, buf + bi * v_hb, k & bmask, c0, nf4, x);
+        if (p.dtype != DType::kF32 && !is_passthrough(p.v.L.format)) {
+#pragma unroll
+          for (int c = 0; c < kC; ++c) x[c] = round_to(x[c], p.dtype);
+        }
+        accumulate(x, e - ie0);
       }
     }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = i0 + u * TOK + slot;
-      if (i >= ilen) continue;
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float pr = sc[r * S + i];
-#pragma unroll
-        for (int c = 0; c < kC; ++c) acc[r][c] = fmaf(pr, x[u][c], acc[r][c]);
-      }
-    }
+    __syncthreads();
+  }
+  for (int e = max(ie0, iplen) + slot; e < ie1; e += TOK) {  // tail entries
+    float x[kC];
+    load_entry(p, p.v.L, p.vt, p.vts, s, h, e, iplen, iskip, c0, nf4, v_heads, col0, bs_shift, x);
+    accumulate(x, e - ie0);
   }
   __syncthreads();
   float* red = smem;  // [TOK][R][D]
@@ -528,12 +612,13 @@ DevView make_dev_view(const PagedView& v) {
 
 template <int D, int R>
 cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
-  constexpr int TPT = D / kC, TOK = kThreads / TPT;
-  const size_t smem = sizeof(float) * std::max<int64_t>(R * k.split_tokens, TOK * R * D);
-  if (smem > 48 * 1024) {
-    PKV_CUDA_TRY(cudaFuncSetAttribute(attention_kernel<D, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
-  }
+  const int64_t bs = k.k.L.block_size;
+  const int64_t tb = std::max<int64_t>(1, 64 / bs);
+  const int64_t kv_bytes = std::max(k.k.L.head_bytes, k.v.L.head_bytes);
+  const size_t smem = sizeof(float) * R * std::max<int64_t>(k.split_tokens, kThreads * kC) + 2 * tb * kv_bytes;
+  if (smem > 227 * 1024) return cudaErrorInvalidValue;
+  PKV_CUDA_TRY(cudaFuncSetAttribute(attention_kernel<D, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)));
   attention_kernel<D, R><<<grid, kThreads, smem, stream>>>(k);
   return cudaGetLastError();
 }

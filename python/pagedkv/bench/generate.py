@@ -127,7 +127,9 @@ def cache_bytes(cache) -> int:
             return
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
-            total += obj.untyped_storage().nbytes() if obj.numel() else 0
+            if type(obj) is torch.Tensor or isinstance(obj, torch.nn.Parameter):
+                total += obj.untyped_storage().nbytes() if obj.numel() else 0
+            # Quantized tensor subclasses (quanto) hold their payload in inner tensors.
             for attr in ("_data", "_scale", "_shift", "_zeropoint"):
                 inner = getattr(obj, attr, None)
                 if isinstance(inner, torch.Tensor):
