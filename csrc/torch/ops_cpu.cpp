@@ -1,6 +1,9 @@
 // CPU implementations of the pagedkv ops: check tensors (checks.h), then run the raw-pointer
 // kernels under at::parallel_for.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include <cmath>
 
 #include "checks.h"
 
@@ -77,9 +80,25 @@ at::Tensor paged_attention_cpu_op(const at::Tensor& query, at::TensorList k_page
   return out;
 }
 
+bool all_finite_one(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "all_finite", [&] {
+    const scalar_t* x = c.const_data_ptr<scalar_t>();
+    const int64_t n = c.numel();
+    bool bad = false;
+    for (int64_t i = 0; i < n; ++i) bad |= !std::isfinite(static_cast<float>(x[i]));
+    ok = !bad;
+  });
+  return ok;
+}
+
+bool all_finite_cpu_op(const at::Tensor& a, const at::Tensor& b) { return all_finite_one(a) && all_finite_one(b); }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pagedkv, CPU, m) {
+  m.impl("all_finite", &all_finite_cpu_op);
   m.impl("paged_attention", &paged_attention_cpu_op);
   m.impl("append", &append_cpu_op);
   m.impl("gather", &gather_cpu_op);

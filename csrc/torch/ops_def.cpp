@@ -19,6 +19,8 @@ TORCH_LIBRARY(pagedkv, m) {
       "int group, int block_size, int blocks_per_chunk, int num_kv_heads, int head_dim, int out_len, "
       "ScalarType dtype) -> Tensor");
   // Copy whole blocks pairs[i, 0] -> pairs[i, 1] (copy-on-write); pairs is int64 [num_pairs, 2].
+  // True when every element of a and b is finite (one pass, no temporaries; CPU).
+  m.def("all_finite(Tensor a, Tensor b) -> bool");
   m.def("copy_blocks(Tensor(a!)[] pages, Tensor pairs, int block_bytes, int blocks_per_chunk) -> ()");
   // Fused attention of query [num_seqs, num_q_heads, q_len, head_dim] over each sequence's paged
   // entries (seq_lens[s] positions from skip[s] in its block-table row) followed by the dense tail

@@ -19,6 +19,11 @@ def _gather_fake(pages, block_table, seq_lens, skip, format, role, group, block_
     return block_table.new_empty((block_table.shape[0], num_kv_heads, out_len, head_dim), dtype=dtype)
 
 
+@torch.library.register_fake("pagedkv::all_finite")
+def _all_finite_fake(a, b):
+    return True
+
+
 @torch.library.register_fake("pagedkv::copy_blocks")
 def _copy_blocks_fake(pages, pairs, block_bytes, blocks_per_chunk):
     return None

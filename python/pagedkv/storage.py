@@ -156,11 +156,17 @@ class PagedGroup:
         return hit
 
     def slots(self, begin: int, end: int, device: torch.device) -> torch.Tensor:
-        """Slot ids of positions ``[begin, end)`` of every sequence, int64 ``[num_seqs * (end - begin)]``."""
-        table = self.block_table(device).to(torch.int64)
-        pos = torch.arange(begin, end, device=device)
-        dropped = self.tables.dropped_blocks(self.seqs[0])
-        return (table[:, pos // self.block_size - dropped] * self.block_size + pos % self.block_size).reshape(-1)
+        """Slot ids of positions ``[begin, end)`` of every sequence, int64 ``[num_seqs * (end - begin)]``;
+        shared by the group's layers within a step and cached until the tables change."""
+        key = (-1 - begin, end, device)  # negative first field: apart from attention_index keys
+        hit = self._index_cache.get(key)
+        if hit is None:
+            table = self.block_table(device).to(torch.int64)
+            pos = torch.arange(begin, end, device=device)
+            dropped = self.tables.dropped_blocks(self.seqs[0])
+            hit = (table[:, pos // self.block_size - dropped] * self.block_size + pos % self.block_size).reshape(-1)
+            self._index_cache[key] = hit
+        return hit
 
     def advance(self, new_paged: int, device: torch.device) -> None:
         """Reserve positions up to ``new_paged`` for every sequence (all-or-nothing)."""
