@@ -115,10 +115,28 @@ def test_masked_out_rows_are_zero(device):
     assert torch.equal(out.cpu(), torch.zeros_like(out.cpu()))
 
 
-def test_opcheck():
-    pi = PagedInputs([70, 20], [0, 3], "int4", "int8", 2, 64)
-    q = torch.randn(2, 4, 2, 64)
-    kt, vt = torch.randn(2, 2, 2, 64), torch.randn(2, 2, 2, 64)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "int8", "int4", "int2", "nf4"])
+def test_cpu_and_cuda_agree(fmt):
+    """Identical pages, tables and queries on both devices give the same output."""
+    cpu = PagedInputs([300, 77, 5], [0, 9, 0], fmt, fmt, 2, 128, device="cpu", seed=3)
+    q = torch.randn(3, 8, 2, 128)
+    kt, vt = torch.randn(3, 2, 4, 128), torch.randn(3, 2, 4, 128)
+    kw = dict(k_format=FORMATS[fmt], v_format=FORMATS[fmt], k_group=cpu.kg, v_group=cpu.vg, block_size=cpu.bs,
+              blocks_per_chunk=cpu.bpc, num_kv_heads=2, scale=0.1, window=200)
+    out_cpu = ops.paged_attention(q, cpu.k_pages, cpu.v_pages, cpu.table, cpu.lens, skip=cpu.skip, k_tail=kt,
+                                  v_tail=vt, **kw)
+    dev = lambda ts: [t.cuda() for t in ts]  # noqa: E731
+    out_gpu = ops.paged_attention(q.cuda(), dev(cpu.k_pages), dev(cpu.v_pages), cpu.table.cuda(), cpu.lens.cuda(),
+                                  skip=cpu.skip.cuda(), k_tail=kt.cuda(), v_tail=vt.cuda(), **kw)
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    pi = PagedInputs([70, 20], [0, 3], "int4", "int8", 2, 64, device=device)
+    q = torch.randn(2, 4, 2, 64, device=device)
+    kt, vt = torch.randn(2, 2, 2, 64, device=device), torch.randn(2, 2, 2, 64, device=device)
     args = (q, pi.k_pages, pi.v_pages, pi.table, pi.lens, pi.skip, kt, vt, None, 0, FORMATS["int4"], FORMATS["int8"],
             pi.kg, pi.vg, 64, pi.bpc, 2, 0.125, 0.0, 0, 0)
     torch.library.opcheck(torch.ops.pagedkv.paged_attention.default, args)
