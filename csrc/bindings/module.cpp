@@ -7,6 +7,7 @@
 
 #include "pagedkv/block_tables.h"
 #include "pagedkv/formats.h"
+#include "pagedkv/token_decoder.h"
 
 namespace py = pybind11;
 using namespace pagedkv;
@@ -151,4 +152,53 @@ PYBIND11_MODULE(_C, m) {
       }, py::arg("seqs"), py::arg("min_cols") = 0,
       "Kept blocks of each sequence as int32 [len(seqs), max_blocks], padded with -1.")
       .def_property_readonly("block_size", &BlockTables::block_size);
+
+  py::class_<TokenPieceTable>(m, "TokenPieceTable",
+                              "Token id -> decoded bytes from the tokenizer's vocabulary, with a bounded LRU cache.")
+      .def(py::init([](std::vector<std::string> vocab, int rule, const std::vector<int32_t>& special_ids,
+                       size_t capacity) {
+             return std::make_unique<TokenPieceTable>(std::move(vocab), static_cast<PieceRule>(rule), special_ids,
+                                                      capacity);
+           }),
+           py::arg("vocab"), py::arg("rule"), py::arg("special_ids"), py::arg("capacity") = 0,
+           "rule: 0 byte-level BPE, 1 SentencePiece; capacity 0 keeps every resolved piece.")
+      .def("piece", [](TokenPieceTable& t, int32_t id) {
+             std::string s;
+             t.append_piece(id, s);
+             return py::bytes(s);
+           }, py::arg("id"))
+      .def("is_special", &TokenPieceTable::is_special, py::arg("id"))
+      .def_static("resolve", [](const std::string& token, int rule) {
+             return py::bytes(TokenPieceTable::resolve(token, static_cast<PieceRule>(rule)));
+           }, py::arg("token"), py::arg("rule"))
+      .def_property_readonly("vocab_size", &TokenPieceTable::vocab_size)
+      .def_property_readonly("capacity", &TokenPieceTable::capacity)
+      .def_property_readonly("size", &TokenPieceTable::size)
+      .def_property_readonly("hits", &TokenPieceTable::hits)
+      .def_property_readonly("misses", &TokenPieceTable::misses);
+
+  py::class_<IncrementalDecoder>(m, "IncrementalDecoder", "Streams ids to exact text for a batch of sequences.")
+      .def(py::init([](TokenPieceTable* table, size_t num_seqs, bool skip_special, bool strip_first_space,
+                       bool cleanup, std::string sentence_ends) {
+             DecoderOptions o;
+             o.skip_special = skip_special;
+             o.strip_first_space = strip_first_space;
+             o.cleanup = cleanup;
+             o.sentence_ends = std::move(sentence_ends);
+             return std::make_unique<IncrementalDecoder>(table, o, num_seqs);
+           }),
+           py::arg("table"), py::arg("num_seqs") = 1, py::arg("skip_special") = true,
+           py::arg("strip_first_space") = false, py::arg("cleanup") = false, py::arg("sentence_ends") = "",
+           py::keep_alive<1, 2>())
+      .def("push", [](IncrementalDecoder& d, const std::vector<std::vector<int32_t>>& ids) {
+             std::vector<std::string> out;
+             {
+               py::gil_scoped_release release;  // batch pushes run without the GIL
+               out = d.push(ids);
+             }
+             return out;
+           }, py::arg("ids"), "New text of each sequence after appending ids[s] to sequence s.")
+      .def("flush", &IncrementalDecoder::flush, "Everything held back; the streams start over.")
+      .def("reset", &IncrementalDecoder::reset, py::arg("num_seqs"))
+      .def_property_readonly("num_seqs", &IncrementalDecoder::num_seqs);
 }

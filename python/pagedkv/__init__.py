@@ -7,6 +7,12 @@ from pagedkv._C import BudgetExhaustedError  # noqa: E402
 from pagedkv.config import FORMATS, KVFormat, LayerFormat, format_table  # noqa: E402
 from pagedkv.cache import PagedKVCache  # noqa: E402
 from pagedkv import attention as _attention  # noqa: E402
+from pagedkv.streaming import (  # noqa: E402
+    CachedTextIteratorStreamer,
+    CachedTextStreamer,
+    TokenDecoder,
+    UnsupportedTokenizerError,
+)
 
 _attention.register()
 
@@ -15,6 +21,10 @@ __version__ = "0.1.0"
 __all__ = [
     "FORMATS",
     "BudgetExhaustedError",
+    "CachedTextIteratorStreamer",
+    "CachedTextStreamer",
+    "TokenDecoder",
+    "UnsupportedTokenizerError",
     "KVFormat",
     "LayerFormat",
     "PagedKVCache",
