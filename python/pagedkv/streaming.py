@@ -140,6 +140,10 @@ class TokenDecoder:
         if clean is None:
             clean = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self.clean_up = clean
+        if clean:  # some transformers versions ignore the clean-up for BPE tokenizers: follow what decode does
+            probe = tokenizer("a , b .", add_special_tokens=False).input_ids
+            applied = tokenizer.decode(probe, clean_up_tokenization_spaces=True)
+            clean = applied != tokenizer.decode(probe, clean_up_tokenization_spaces=False)
         self._fallback: _TokenizerDecodeStream | None = None
         try:
             rule, strip = _decoder_rule(tokenizer)
