@@ -122,6 +122,9 @@ class TokenDecoder:
     fallback:
         For tokenizers the core cannot model: True uses the tokenizer's own decode (with a warning),
         False raises :class:`UnsupportedTokenizerError`.
+
+    ``push`` releases the GIL while it decodes; a decoder holds per-stream state, so use one decoder
+    per thread (or lock around it).
     """
 
     def __init__(self, tokenizer: Any, *, batch_size: int = 1, skip_special_tokens: bool = True,
