@@ -57,7 +57,29 @@ UPDATE_CASES = [
     ("beam length", lambda c: c.reorder_cache(torch.tensor([0, 1])), ValueError, "beam_idx has 2 entries"),
     ("repeats", lambda c: c.batch_repeat_interleave(0), ValueError, "repeats must be an int >= 1, got 0"),
     ("select bool", lambda c: c.batch_select_indices(torch.tensor([True, False])), ValueError, "boolean indices"),
+    ("select range", lambda c: c.batch_select_indices(torch.tensor([0, 5])), IndexError, "batch index 5"),
+    ("beam rank", lambda c: c.reorder_cache(torch.tensor([[0, 1, 2]])), ValueError, "1-D tensor"),
+    ("beam list", lambda c: c.reorder_cache([0, 1, 2]), ValueError, "beam_idx must be a 1-D tensor"),
+    ("repeats type", lambda c: c.batch_repeat_interleave(2.0), ValueError, "repeats must be an int"),
+    ("device", lambda c: c.update(good().to("meta"), good().to("meta"), 0), ValueError, "is on meta but the cache"),
+    ("value dtype", lambda c: c.update(good(), good(dtype=torch.bfloat16), 0), ValueError, "must match key_states"),
+    ("rank 5", lambda c: c.update(torch.randn(3, 2, 1, 16, 1), good(), 0), ValueError, "got shape"),
+    ("layer bool", lambda c: c.update(good(), good(), True), TypeError, "layer_idx must be an int"),
+    ("crop float tensor", lambda c: c.crop(torch.tensor(1.5)), TypeError, "crop takes an int"),
+    ("seq length layer", lambda c: c.get_seq_length(-1), IndexError, "layer_idx must be an int >= 0"),
+    ("budget", lambda c: _exhaust(c), pagedkv.BudgetExhaustedError, "budget"),
+    ("value nan", lambda c: c.update(good(), good().index_fill_(3, torch.tensor([3]), float("nan")), 0),
+     ValueError, "value_states contains NaN"),
 ]
+
+
+def _exhaust(c):
+    """Lower the byte budget to what is held, then ask for more blocks than the held chunks have."""
+    c._budget.limit_bytes = c._budget.reserved_bytes
+    pool = c._groups[0].pool
+    n = (pool.capacity - pool.num_used) * 16 // 3 + 32  # 3 sequences of 16-token blocks
+    kv = good((3, 2, n, 16))
+    c.update(kv, kv, 0)
 
 
 @pytest.mark.parametrize("name,call,exc,msg", UPDATE_CASES, ids=[c[0] for c in UPDATE_CASES])
