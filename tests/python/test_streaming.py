@@ -180,3 +180,9 @@ def test_streamed_clean_up_equals_transformers_rule():
             i += n
         got += dec.flush()[0]
         assert got == rule(text), text
+
+
+@pytest.mark.parametrize("bad", ["gpt2", 42, None])
+def test_wrong_tokenizer_type(bad):
+    with pytest.raises(pagedkv.UnsupportedTokenizerError, match=type(bad).__name__):
+        pagedkv.TokenDecoder(bad)
