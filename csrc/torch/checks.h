@@ -269,11 +269,8 @@ inline AttentionParams prepare_attention(
   p.softcap = static_cast<float>(softcap);
   p.window = window;
   if (validate_indices) {
-    // The mask is checked for length only (its values are not indices).
-    const uint8_t* mask_ptr = p.kv_mask;
-    if (mask_ptr && !hold.mask.is_cpu()) p.kv_mask = reinterpret_cast<const uint8_t*>(1);  // non-null marker
+    // Reads the host index copies; the mask is checked for length only, never dereferenced.
     translate_errors([&] { attention_validate(p); });
-    p.kv_mask = mask_ptr;
   }
   return p;
 }

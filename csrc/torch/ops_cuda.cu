@@ -14,9 +14,9 @@ namespace {
 
 // Chunk base pointers as a device array (kept alive by the returned tensor).
 at::Tensor device_chunk_table(const ChunkList& holder, const at::Device& device) {
-  at::Tensor t = at::empty({static_cast<int64_t>(holder.ptrs.size())}, at::kLong);
-  for (size_t i = 0; i < holder.ptrs.size(); ++i) t[i] = reinterpret_cast<int64_t>(holder.ptrs[i]);
-  return t.to(device);
+  std::vector<int64_t> ptrs(holder.ptrs.size());
+  for (size_t i = 0; i < ptrs.size(); ++i) ptrs[i] = reinterpret_cast<int64_t>(holder.ptrs[i]);
+  return at::tensor(ptrs, at::kLong).to(device);  // one host-to-device copy, no per-element tensor ops
 }
 
 void append_cuda_op(const at::Tensor& src, at::TensorList pages, const at::Tensor& slot_mapping, int64_t format,
@@ -69,8 +69,9 @@ void copy_blocks_cuda_op(at::TensorList pages, const at::Tensor& pairs, int64_t 
   ChunkList holder;
   PagedView view = make_view(pages, layout, blocks_per_chunk, pairs.device(), holder);
   const at::Tensor host = pairs.to(at::kCPU).contiguous();
+  const auto pair = host.accessor<int64_t, 2>();
   for (int64_t i = 0; i < host.size(0); ++i) {
-    const int64_t a = host[i][0].item<int64_t>(), b = host[i][1].item<int64_t>();
+    const int64_t a = pair[i][0], b = pair[i][1];
     TORCH_CHECK_VALUE(view.has_block(a) && view.has_block(b), "block pair ", i, " = (", a, ", ", b,
                       ") is not in these pages");
   }

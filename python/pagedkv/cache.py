@@ -327,7 +327,7 @@ class PagedKVCache(Cache):
                 g.set_batch(key_states.shape[0])
             self._batch_size = key_states.shape[0]
             self._device, self._dtype = key_states.device, key_states.dtype
-        device, dtype = key_states.device, key_states.dtype
+        device = key_states.device
         old_tokens, old_paged = layer.num_tokens, layer.num_paged
         new_tokens = old_tokens + key_states.shape[2]
         target = self._target_paged(group, new_tokens)
@@ -351,12 +351,9 @@ class PagedKVCache(Cache):
             layer._pending = (visible, old_paged, tk, tv)
             out_k, out_v = tk.view(tk.shape), tv.view(tv.shape)
             out_k._pagedkv_ctx = out_v._pagedkv_ctx = (self, layer_idx)
-        elif visible < old_paged:
-            page_k, page_v = group.read(layer_idx, visible, old_paged, dtype, device)
-            out_k = torch.cat([page_k, tail_k[:, :, first_tail:]], dim=2)
-            out_v = torch.cat([page_v, tail_v[:, :, first_tail:]], dim=2)
         else:
-            out_k, out_v = tail_k[:, :, first_tail:], tail_v[:, :, first_tail:]
+            out_k, out_v = self._dense(layer_idx, visible, old_paged, tail_k[:, :, first_tail:],
+                                       tail_v[:, :, first_tail:])
         flush = target - old_paged
         if flush > 0:
             group.write(layer_idx, old_paged, tail_k[:, :, :flush], tail_v[:, :, :flush])
@@ -371,26 +368,32 @@ class PagedKVCache(Cache):
         layer.is_initialized = True
         return out_k, out_v
 
+    def _dense(self, layer_idx: int, begin: int, end: int, tail_k: torch.Tensor, tail_v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages ``[begin, end)`` of a layer dequantized, then the full-precision tail."""
+        if begin >= end:
+            return tail_k, tail_v
+        pk, pv = self._group_of[layer_idx].read(layer_idx, begin, end, tail_k.dtype, tail_k.device)
+        return torch.cat([pk, tail_k], dim=2), torch.cat([pv, tail_v], dim=2)
+
+    def _pending_step(self, layer_idx: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        pending = self.layers[layer_idx]._pending
+        if pending is None:
+            raise RuntimeError(f"layer {layer_idx} has no pending attention step: call update first")
+        return pending
+
     def _dense_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense K/V of the pending fused step of a layer (the dense path of the "pagedkv" attention)."""
-        layer = self.layers[layer_idx]
-        if layer._pending is None:
-            raise RuntimeError(f"layer {layer_idx} has no pending attention step: call update first")
-        begin, end, tk, tv = layer._pending
-        layer._pending = None
-        if begin >= end:
-            return tk, tv
-        pk, pv = self._group_of[layer_idx].read(layer_idx, begin, end, tk.dtype, tk.device)
-        return torch.cat([pk, tk], dim=2), torch.cat([pv, tv], dim=2)
+        pending = self._pending_step(layer_idx)
+        self.layers[layer_idx]._pending = None
+        return self._dense(layer_idx, *pending)
 
     def _attend(self, layer_idx: int, query: torch.Tensor, padding: torch.Tensor | None, scaling: float | None,
                 softcap: float, max_query: int) -> torch.Tensor | None:
         """Fused attention of ``query [B, Hq, Lq, D]`` for the pending step of a layer; returns
         ``[B, Lq, Hq, D]``, or None (pending kept) when the dense path suits the query better."""
         layer = self.layers[layer_idx]
-        if layer._pending is None:
-            raise RuntimeError(f"layer {layer_idx} has no pending attention step: call update first")
-        begin, end, tk, tv = layer._pending
+        begin, end, tk, tv = self._pending_step(layer_idx)
         q_len = query.shape[2]
         if q_len > max_query or (end <= begin and q_len > 1):
             return None

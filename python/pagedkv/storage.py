@@ -102,6 +102,7 @@ class PagedGroup:
         self.seqs: list[int] = []
         self._table_cache: tuple[torch.device, torch.Tensor] | None = None
         self._index_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, ...]] = {}
+        self._slot_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -123,6 +124,7 @@ class PagedGroup:
     def _changed(self) -> None:
         self._table_cache = None
         self._index_cache.clear()
+        self._slot_cache.clear()
 
     def set_batch(self, batch_size: int) -> None:
         self.tables.free_sequences(self.seqs)
@@ -158,14 +160,14 @@ class PagedGroup:
     def slots(self, begin: int, end: int, device: torch.device) -> torch.Tensor:
         """Slot ids of positions ``[begin, end)`` of every sequence, int64 ``[num_seqs * (end - begin)]``;
         shared by the group's layers within a step and cached until the tables change."""
-        key = (-1 - begin, end, device)  # negative first field: apart from attention_index keys
-        hit = self._index_cache.get(key)
+        key = (begin, end, device)
+        hit = self._slot_cache.get(key)
         if hit is None:
             table = self.block_table(device).to(torch.int64)
             pos = torch.arange(begin, end, device=device)
             dropped = self.tables.dropped_blocks(self.seqs[0])
             hit = (table[:, pos // self.block_size - dropped] * self.block_size + pos % self.block_size).reshape(-1)
-            self._index_cache[key] = hit
+            self._slot_cache[key] = hit
         return hit
 
     def advance(self, new_paged: int, device: torch.device) -> None:

@@ -166,33 +166,12 @@ __device__ __forceinline__ float load_scalar(const void* base, DType dt, int64_t
   }
 }
 
-// Loads channels [c0, c0 + 8) of entry e of sequence s, head h. `heads` holds, per block-table
-// column of the split from `col0`, the address of this head's region in that block (null: the
-// block id is outside the pages, and the entry reads as zero and is masked). Block sizes are powers
-// of two here (log2 in `bs_shift`), so no integer division runs per token.
-__device__ __forceinline__ bool load_entry(const KParams& p, const PageLayout& L, const void* tail,
-                                           const int64_t* ts, int s, int h, int e, int plen, int skip, int c0,
-                                           const float* nf4, const uint8_t* const* heads, int col0, int bs_shift,
-                                           float* x) {
-  if (e < plen) {
-    const int pos = skip + e;
-    const uint8_t* head = heads[(pos >> bs_shift) - col0];
-    if (head == nullptr) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) x[i] = 0.0f;
-      return false;
-    }
-    load8(L, head, pos & ((1 << bs_shift) - 1), c0, nf4, x);
-    if (p.dtype != DType::kF32 && !is_passthrough(L.format)) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) x[i] = round_to(x[i], p.dtype);
-    }
-    return true;
-  }
-  const int64_t base = s * ts[0] + h * ts[1] + static_cast<int64_t>(e - plen) * ts[2] + c0;
+// Loads channels [c0, c0 + 8) of tail token t (the dense full-precision part) of sequence s, head h.
+__device__ __forceinline__ void load_tail(const KParams& p, const void* tail, const int64_t* ts, int s, int h, int t,
+                                          int c0, float* x) {
+  const int64_t base = s * ts[0] + h * ts[1] + static_cast<int64_t>(t) * ts[2] + c0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) x[i] = load_scalar(tail, p.dtype, base + i);
-  return true;
 }
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
@@ -214,6 +193,60 @@ __device__ __forceinline__ void stage_tile(const uint8_t* const* heads, int c, i
     const int b = w / chunks, k = w - b * chunks;
     const uint8_t* src = c + b < ncols ? heads[c + b] : nullptr;
     if (src != nullptr) cp_async16(buf + b * head_bytes + 16 * k, src + 16 * k);
+  }
+}
+
+// Streams the split's paged entries [ie0, min(ie1, iplen)) through shared memory: the head regions
+// of TB blocks (a tile) are copied by all threads with 16-byte cp.async, double-buffered, while the
+// previous tile is used. f(x, in, valid, e) runs for every token slot of every tile, uniformly across
+// the block: `in` says whether entry e belongs to the range, `valid` whether its block exists (x holds
+// the thread's 8 dequantized channels, rounded to the model dtype; zero when !valid). `heads` holds,
+// per block-table column from col0, this head's region (null: block id outside the pages). Block
+// sizes are powers of two (log2 in bs_shift), so no integer division runs per token.
+template <int TOK, typename F>
+__device__ __forceinline__ void for_each_paged(const KParams& p, const PageLayout& L, const uint8_t* const* heads,
+                                               uint8_t* const* bufs, int col0, int ncols, int tb, int bs_shift,
+                                               int ie0, int ie1, int iplen, int iskip, int slot, int c0, int tid,
+                                               const float* nf4, F&& f) {
+  const int hb = static_cast<int>(L.head_bytes);
+  const int ntiles = (ncols + tb - 1) / tb;
+  const int tile_tok = tb << bs_shift, bmask = (1 << bs_shift) - 1;
+  const bool round = p.dtype != DType::kF32 && !is_passthrough(L.format);
+  if (ntiles > 0) {
+    stage_tile(heads, 0, ncols, tb, hb, bufs[0], tid);
+    cp_async_commit();
+  }
+  for (int t = 0; t < ntiles; ++t) {
+    if (t + 1 < ntiles) {
+      stage_tile(heads, (t + 1) * tb, ncols, tb, hb, bufs[(t + 1) & 1], tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint8_t* buf = bufs[t & 1];
+    const int pos0 = (col0 + t * tb) << bs_shift;
+    for (int k0 = 0; k0 < tile_tok; k0 += TOK) {
+      const int k = k0 + slot;
+      const int e = pos0 + k - iskip;
+      const int bi = k >> bs_shift;
+      const bool in = e >= ie0 && e < ie1 && e < iplen;
+      const bool valid = in && heads[t * tb + bi] != nullptr;
+      float x[kC];
+      if (valid) {
+        load8(L, buf + bi * hb, k & bmask, c0, nf4, x);
+        if (round) {
+#pragma unroll
+          for (int c = 0; c < kC; ++c) x[c] = round_to(x[c], p.dtype);
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < kC; ++c) x[c] = 0.0f;
+      }
+      f(x, in, valid, e);
+    }
+    __syncthreads();  // the buffer is refilled two tiles later
   }
 }
 
@@ -318,8 +351,6 @@ __global__ void __launch_bounds__(kThreads, 4) attention_kernel(const __grid_con
   float* sc = smem;
   const int ie1 = ie0 + ilen;
   const int TB = max(1, 64 >> bs_shift);
-  const int tile_tok = TB << bs_shift;
-  const int ntiles = (ncols + TB - 1) / TB;
   const int kv_bytes = max(static_cast<int>(p.k.L.head_bytes), static_cast<int>(p.v.L.head_bytes));
   uint8_t* bufs[2] = {reinterpret_cast<uint8_t*>(smem + R * max(S, static_cast<int64_t>(kThreads * kC))),
                       nullptr};
@@ -351,51 +382,14 @@ __global__ void __launch_bounds__(kThreads, 4) attention_kernel(const __grid_con
       sc[row * S + i] = allowed ? dot : -INFINITY;
     }
   };
-  const int k_hb = static_cast<int>(p.k.L.head_bytes), v_hb = static_cast<int>(p.v.L.head_bytes);
-  const int bmask = (1 << bs_shift) - 1;
-  if (ntiles > 0) {
-    stage_tile(k_heads, 0, ncols, TB, k_hb, bufs[0], tid);
-    cp_async_commit();
-  }
-  for (int t = 0; t < ntiles; ++t) {
-    if (t + 1 < ntiles) {
-      stage_tile(k_heads, (t + 1) * TB, ncols, TB, k_hb, bufs[(t + 1) & 1], tid);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const uint8_t* buf = bufs[t & 1];
-    const int pos0 = (col0 + t * TB) << bs_shift;
-    for (int k0 = 0; k0 < tile_tok; k0 += TOK) {
-      const int k = k0 + slot;
-      const int e = pos0 + k - iskip;
-      const int i = e - ie0;
-      const bool in = e >= ie0 && e < ie1 && e < iplen;
-      const int bi = k >> bs_shift;
-      const bool valid = in && k_heads[t * TB + bi] != nullptr;
-      float x[kC];
-      if (valid) {
-        load8(p.k.L, buf + bi * k_hb, k & bmask, c0, nf4, x);
-        if (p.dtype != DType::kF32 && !is_passthrough(p.k.L.format)) {
-#pragma unroll
-          for (int c = 0; c < kC; ++c) x[c] = round_to(x[c], p.dtype);
-        }
-      } else {
-#pragma unroll
-        for (int c = 0; c < kC; ++c) x[c] = 0.0f;
-      }
-      score(x, in, valid, e, i);
-    }
-    __syncthreads();  // the buffer is refilled two tiles later
-  }
+  for_each_paged<TOK>(p, p.k.L, k_heads, bufs, col0, ncols, TB, bs_shift, ie0, ie1, iplen, iskip, slot, c0, tid,
+                      nf4, [&](const float (&x)[kC], bool in, bool valid, int e) { score(x, in, valid, e, e - ie0); });
   for (int e00 = max(ie0, iplen); e00 < ie1; e00 += TOK) {  // tail entries
     const int e = e00 + slot;
     const bool in = e < ie1;
     float x[kC];
     if (in) {
-      load_entry(p, p.k.L, p.kt, p.kts, s, h, e, iplen, iskip, c0, nf4, k_heads, col0, bs_shift, x);
+      load_tail(p, p.kt, p.kts, s, h, e - iplen, c0, x);
     } else {
 #pragma unroll
       for (int c = 0; c < kC; ++c) x[c] = 0.0f;
@@ -441,40 +435,13 @@ __global__ void __launch_bounds__(kThreads, 4) attention_kernel(const __grid_con
       for (int c = 0; c < kC; ++c) acc[r][c] = fmaf(pr, x[c], acc[r][c]);
     }
   };
-  if (ntiles > 0) {
-    stage_tile(v_heads, 0, ncols, TB, v_hb, bufs[0], tid);
-    cp_async_commit();
-  }
-  for (int t = 0; t < ntiles; ++t) {
-    if (t + 1 < ntiles) {
-      stage_tile(v_heads, (t + 1) * TB, ncols, TB, v_hb, bufs[(t + 1) & 1], tid);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const uint8_t* buf = bufs[t & 1];
-    const int pos0 = (col0 + t * TB) << bs_shift;
-    for (int k0 = 0; k0 < tile_tok; k0 += TOK) {
-      const int k = k0 + slot;
-      const int e = pos0 + k - iskip;
-      const int bi = k >> bs_shift;
-      if (e >= ie0 && e < ie1 && e < iplen && v_heads[t * TB + bi] != nullptr) {
-        float x[kC];
-        load8(p.v.L, buf + bi * v_hb, k & bmask, c0, nf4, x);
-        if (p.dtype != DType::kF32 && !is_passthrough(p.v.L.format)) {
-#pragma unroll
-          for (int c = 0; c < kC; ++c) x[c] = round_to(x[c], p.dtype);
-        }
-        accumulate(x, e - ie0);
-      }
-    }
-    __syncthreads();
-  }
+  for_each_paged<TOK>(p, p.v.L, v_heads, bufs, col0, ncols, TB, bs_shift, ie0, ie1, iplen, iskip, slot, c0, tid,
+                      nf4, [&](const float (&x)[kC], bool, bool valid, int e) {
+                        if (valid) accumulate(x, e - ie0);
+                      });
   for (int e = max(ie0, iplen) + slot; e < ie1; e += TOK) {  // tail entries
     float x[kC];
-    load_entry(p, p.v.L, p.vt, p.vts, s, h, e, iplen, iskip, c0, nf4, v_heads, col0, bs_shift, x);
+    load_tail(p, p.vt, p.vts, s, h, e - iplen, c0, x);
     accumulate(x, e - ie0);
   }
   __syncthreads();
@@ -644,9 +611,7 @@ void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, i
 
 cudaError_t paged_attention_cuda(const AttentionParams& p, const float* query_f32, cudaStream_t stream) {
   if (p.k.num_chunks > kMaxAttentionChunks || p.v.num_chunks > kMaxAttentionChunks) return cudaErrorInvalidValue;
-  if (p.head_dim() > 256 || p.head_dim() % 8 != 0) {
-    if (p.head_dim() > 256) return cudaErrorInvalidValue;
-  }
+  if (p.head_dim() > 256) return cudaErrorInvalidValue;
   if (p.num_seqs == 0) return cudaSuccess;
   KParams k;
   k.k = make_dev_view(p.k);
