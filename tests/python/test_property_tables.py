@@ -5,8 +5,8 @@ an append into a shared partial block gets a fresh one, as copy-on-write must). 
 the pool's own invariants hold, each sequence's physical blocks map one-to-one onto the model's
 logical blocks (shared exactly when the model shares), reference counts equal the uses, the used
 count equals the distinct blocks held (nothing leaked, nothing free and referenced), and a refused
-append (budget) changed nothing. 200 examples x 50 steps = 10k steps in CI; PAGEDKV_LONG_FUZZ=1 runs
-20x more.
+append (budget) changed nothing. 250 examples of up to 50 steps (about 11k steps, counted) in CI; PAGEDKV_LONG_FUZZ=1 runs
+16x more.
 """
 
 from __future__ import annotations
@@ -135,6 +135,6 @@ class TablesMachine(RuleBasedStateMachine):
             assert self.pool.refcount(p) == n
 
 
-TablesMachine.TestCase.settings = settings(max_examples=4000 if LONG else 200, stateful_step_count=50,
+TablesMachine.TestCase.settings = settings(max_examples=4000 if LONG else 250, stateful_step_count=50,
                                            deadline=None, derandomize=not LONG)
 test_tables_state_machine = TablesMachine.TestCase
