@@ -62,7 +62,8 @@ int64_t BlockPool::growth_limit() const {
 }
 
 bool BlockPool::can_allocate(int64_t n) const {
-  return n <= num_free() + growth_limit();
+  const int64_t direct = num_free() + growth_limit();
+  return n <= direct || (reclaimer_ != nullptr && n <= direct + reclaimer_->reclaimable());
 }
 
 void BlockPool::grow(int64_t min_blocks) {
@@ -93,9 +94,16 @@ std::vector<int32_t> BlockPool::allocate(int64_t n) {
   if (!can_allocate(n)) {
     throw BudgetError(detail::concat(
         "KV cache budget exhausted: need ", n, " blocks, ", num_free(),
-        " free and room to grow by ", growth_limit(), " (capacity ", capacity_,
-        " blocks, max_blocks=", max_blocks_, ", max_memory_bytes=",
-        budget_ ? budget_->limit_bytes() : -1, ", ", bytes_per_block_, " bytes per block)"));
+        " free, room to grow by ", growth_limit(), " and ", reclaimer_ ? reclaimer_->reclaimable() : 0,
+        " evictable cached blocks (capacity ", capacity_, " blocks, max_blocks=", max_blocks_,
+        ", max_memory_bytes=", budget_ ? budget_->limit_bytes() : -1, ", ", bytes_per_block_,
+        " bytes per block)"));
+  }
+  // Grow first: cached blocks are kept until space is really needed.
+  const int64_t short_by = n - num_free() - growth_limit();
+  if (short_by > 0) {
+    const int64_t got = reclaimer_->reclaim(short_by);
+    PKV_CHECK(got >= short_by, "internal: reclaimer freed ", got, " of ", short_by, " blocks it promised");
   }
   if (n > num_free()) grow(n - num_free());
   std::vector<int32_t> out(n);

@@ -46,6 +46,21 @@ int64_t BlockTables::fork(int64_t seq) {
   return next_id_++;
 }
 
+int64_t BlockTables::add_sequence_with_blocks(const std::vector<int32_t>& blocks, int64_t num_tokens) {
+  const int64_t n = static_cast<int64_t>(blocks.size());
+  PKV_CHECK(num_tokens >= 0 && (num_tokens + block_size_ - 1) / block_size_ == n, "num_tokens=", num_tokens,
+            " does not fill ", n, " blocks of ", block_size_, " tokens");
+  for (int32_t b : blocks) {
+    PKV_CHECK(pool_->refcount(b) > 0, "block ", b, " is not allocated; only held blocks can be attached");
+  }
+  for (int32_t b : blocks) pool_->incref(b);
+  Seq s;
+  s.blocks = blocks;
+  s.num_tokens = num_tokens;
+  seqs_.emplace(next_id_, std::move(s));
+  return next_id_++;
+}
+
 int64_t BlockTables::num_tokens(int64_t seq) const { return get(seq).num_tokens; }
 int64_t BlockTables::start(int64_t seq) const { return get(seq).start; }
 const std::vector<int32_t>& BlockTables::blocks(int64_t seq) const { return get(seq).blocks; }

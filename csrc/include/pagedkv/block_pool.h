@@ -33,6 +33,17 @@ class MemoryBudget {
   int64_t reserved_bytes_ = 0;
 };
 
+// Something that can free unreferenced blocks on demand (the prefix cache's eviction). The pool
+// asks it only when it cannot grow within its budgets.
+class BlockReclaimer {
+ public:
+  virtual ~BlockReclaimer() = default;
+  // Blocks reclaim() could free right now.
+  virtual int64_t reclaimable() const = 0;
+  // Frees up to n blocks back to the pool; returns how many it freed.
+  virtual int64_t reclaim(int64_t n) = 0;
+};
+
 class BlockPool {
  public:
   // bytes_per_block: bytes of one block summed over every layer that uses this pool (K and V).
@@ -43,12 +54,15 @@ class BlockPool {
   BlockPool(const BlockPool&) = delete;
   BlockPool& operator=(const BlockPool&) = delete;
 
-  // All-or-nothing: returns `n` blocks with refcount 1, growing capacity if needed, or throws
-  // BudgetError and changes nothing.
+  // All-or-nothing: returns `n` blocks with refcount 1, growing capacity if needed and then
+  // evicting through the reclaimer, or throws BudgetError and changes nothing (evicts nothing).
   std::vector<int32_t> allocate(int64_t n);
   int32_t allocate_one() { return allocate(1)[0]; }
-  // Whether allocate(n) would succeed right now.
+  // Whether allocate(n) would succeed right now (eviction included).
   bool can_allocate(int64_t n) const;
+  // One reclaimer at a time; it must outlive its registration (set nullptr to detach).
+  void set_reclaimer(BlockReclaimer* r) { reclaimer_ = r; }
+  BlockReclaimer* reclaimer() const { return reclaimer_; }
 
   void incref(int32_t block);
   // Drops one reference; the block returns to the free list at zero.
@@ -88,6 +102,7 @@ class BlockPool {
   std::vector<int32_t> refcounts_;     // [num_chunks * blocks_per_chunk], kAbsent for holes
   std::vector<int32_t> free_;          // stack; lowest ids handed out first
   std::vector<int32_t> chunk_sizes_;   // [num_chunks]
+  BlockReclaimer* reclaimer_ = nullptr;
 };
 
 }  // namespace pagedkv

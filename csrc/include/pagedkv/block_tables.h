@@ -32,6 +32,9 @@ class BlockTables {
   void free_sequence(int64_t seq);
   // A new sequence sharing every block of `seq` (one more reference each).
   int64_t fork(int64_t seq);
+  // A new sequence holding positions [0, num_tokens) in the given blocks (a cached prefix; one more
+  // reference each). num_tokens must fill exactly blocks.size() blocks' worth of positions.
+  int64_t add_sequence_with_blocks(const std::vector<int32_t>& blocks, int64_t num_tokens);
   bool has_sequence(int64_t seq) const { return seqs_.count(seq) != 0; }
   int64_t num_sequences() const { return static_cast<int64_t>(seqs_.size()); }
 
