@@ -7,6 +7,7 @@
 
 #include "pagedkv/block_tables.h"
 #include "pagedkv/formats.h"
+#include "pagedkv/prefix_index.h"
 #include "pagedkv/token_decoder.h"
 
 namespace py = pybind11;
@@ -16,6 +17,13 @@ namespace {
 
 std::vector<int64_t> to_ids(const py::object& seqs) {
   return py::cast<std::vector<int64_t>>(seqs);
+}
+
+using TokenArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+const int32_t* token_data(const TokenArray& tokens) {
+  PKV_CHECK(tokens.ndim() == 1, "token ids must be 1-D, got ", tokens.ndim(), " dimensions");
+  return tokens.data();
 }
 
 py::dict layout_dict(const PageLayout& l) {
@@ -105,6 +113,8 @@ PYBIND11_MODULE(_C, m) {
         for (int64_t s : to_ids(seqs)) t.free_sequence(s);
       }, py::arg("seqs"))
       .def("fork", &BlockTables::fork, py::arg("seq"))
+      .def("add_sequence_with_blocks", &BlockTables::add_sequence_with_blocks, py::arg("blocks"),
+           py::arg("num_tokens"))
       .def("fork_many", [](BlockTables& t, const py::object& seqs) {
         const auto ids = to_ids(seqs);
         for (int64_t s : ids) PKV_CHECK(t.has_sequence(s), "unknown sequence id ", s);
@@ -152,6 +162,49 @@ PYBIND11_MODULE(_C, m) {
       }, py::arg("seqs"), py::arg("min_cols") = 0,
       "Kept blocks of each sequence as int32 [len(seqs), max_blocks], padded with -1.")
       .def_property_readonly("block_size", &BlockTables::block_size);
+
+  py::class_<PrefixIndex, std::shared_ptr<PrefixIndex>>(
+      m, "PrefixIndex", "Cached full blocks by chained hash of their token prefix, with eviction (see prefix_index.h).")
+      .def(py::init([](std::shared_ptr<BlockPool> pool, int32_t block_size, const std::string& policy, double ttl) {
+             return std::make_shared<PrefixIndex>(std::move(pool), block_size, eviction_policy_from_name(policy), ttl);
+           }),
+           py::arg("pool"), py::arg("block_size"), py::arg("policy") = "lru", py::arg("ttl_seconds") = -1.0)
+      .def("match", [](PrefixIndex& i, const TokenArray& tokens, uint64_t salt, double now, int64_t max_blocks,
+                       bool count) {
+             return i.match(token_data(tokens), tokens.size(), salt, now, max_blocks, count);
+           }, py::arg("tokens"), py::arg("salt"), py::arg("now"), py::arg("max_blocks") = -1, py::arg("count") = true)
+      .def("insert", [](PrefixIndex& i, const TokenArray& tokens, const std::vector<int32_t>& blocks, uint64_t salt,
+                        double now, int32_t priority, bool pinned) {
+             return i.insert(token_data(tokens), tokens.size(), blocks, salt, now, priority, pinned);
+           }, py::arg("tokens"), py::arg("blocks"), py::arg("salt"), py::arg("now"), py::arg("priority") = 0,
+           py::arg("pinned") = false)
+      .def("unpin", [](PrefixIndex& i, const TokenArray& tokens, uint64_t salt) {
+             return i.unpin(token_data(tokens), tokens.size(), salt);
+           }, py::arg("tokens"), py::arg("salt"))
+      .def("expire", &PrefixIndex::expire, py::arg("now"))
+      .def("evict", &PrefixIndex::evict, py::arg("n"), py::arg("now"))
+      .def("clear", &PrefixIndex::clear)
+      .def("set_now", &PrefixIndex::set_now, py::arg("now"))
+      .def("contains_block", &PrefixIndex::contains_block, py::arg("block"))
+      .def("check_invariants", &PrefixIndex::check_invariants)
+      .def("reset_stats", &PrefixIndex::reset_stats)
+      .def_property_readonly("reclaimable", &PrefixIndex::reclaimable)
+      .def_property_readonly("size", &PrefixIndex::size)
+      .def_property_readonly("block_size", &PrefixIndex::block_size)
+      .def_property("policy", [](const PrefixIndex& i) { return std::string(eviction_policy_name(i.policy())); },
+                    [](PrefixIndex& i, const std::string& p) { i.set_policy(eviction_policy_from_name(p)); })
+      .def_property("ttl_seconds", &PrefixIndex::ttl_seconds, &PrefixIndex::set_ttl_seconds)
+      .def_property_readonly("stats", [](const PrefixIndex& i) {
+        const PrefixStats& s = i.stats();
+        py::dict d;
+        d["queries"] = s.queries;
+        d["hit_blocks"] = s.hit_blocks;
+        d["miss_blocks"] = s.miss_blocks;
+        d["inserted"] = s.inserted;
+        d["evicted"] = s.evicted;
+        d["expired"] = s.expired;
+        return d;
+      });
 
   py::class_<TokenPieceTable>(m, "TokenPieceTable",
                               "Token id -> decoded bytes from the tokenizer's vocabulary, with a bounded LRU cache.")

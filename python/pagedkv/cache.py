@@ -16,17 +16,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from pagedkv import _C, ops
-from pagedkv.config import (
-    DEFAULT_RESIDUAL_LENGTH,
-    FORMATS,
-    GROUPED,
-    KEY,
-    VALUE,
-    LayerFormat,
-    group_for,
-    resolve_layer_formats,
-)
-from pagedkv.storage import LayerPages, PagedGroup
+from pagedkv.config import FORMATS
+from pagedkv.storage import PagedGroup
+from pagedkv.store import KVStore, as_token_rows, text_config
 
 BudgetExhaustedError = _C.BudgetExhaustedError
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -44,12 +36,18 @@ class PagedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, cache: "PagedKVCache", layer_idx: int, sliding_window: int | None):
+    def __init__(self, cache: "PagedKVCache", layer_idx: int, sliding_window: int | None, window: int | None,
+                 sinks: int):
         super().__init__()
         self._cache = cache
         self.layer_idx = layer_idx
-        self.sliding_window = sliding_window
+        self.sliding_window = sliding_window  # the model's sliding window (None: full attention)
         self.is_sliding = sliding_window is not None
+        # Positions a query sees: the model's window, or the cache's recent_window on full layers.
+        self.window = window
+        self.sinks = sinks  # attention-sink positions kept beside the window (full layers, recent_window)
+        self.sink_keys: torch.Tensor | None = None  # [batch, num_kv_heads, <= sinks, head_dim], as stored
+        self.sink_values: torch.Tensor | None = None
         self.num_tokens = 0  # positions seen (the sequence length)
         self.num_paged = 0   # positions [0, num_paged) are in pages; the rest in the residual
         self.residual_keys: torch.Tensor | None = None    # [batch, num_kv_heads, num_tokens - num_paged, head_dim]
@@ -67,18 +65,25 @@ class PagedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.num_tokens
 
+    def visible_start(self) -> int:
+        """First position the next step's queries see (0 without a window)."""
+        return max(self.num_tokens - self.window + 1, 0) if self.window else 0
+
+    def num_sinks_shown(self, visible: int) -> int:
+        """Sink positions prepended to the keys: those that have left the window."""
+        return min(self.sinks, visible)
+
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         if isinstance(query_length, torch.Tensor):  # older 5.x passed cache_position
             query_length = int(query_length.shape[0])
-        if not self.is_sliding:
-            return self.num_tokens + query_length, 0
-        w = self.sliding_window
-        kv_offset = max(self.num_tokens - w + 1, 0)
-        kv_length = (w - 1 + query_length) if self.num_tokens >= w else self.num_tokens + query_length
-        return kv_length, kv_offset
+        visible = self.visible_start()
+        # Sinks sit just before the window (they are re-rotated there), so the keys are the
+        # contiguous positions [visible - sinks, num_tokens + query_length).
+        sinks = self.num_sinks_shown(visible)
+        return sinks + self.num_tokens - visible + query_length, visible - sinks
 
     def get_max_length(self) -> int:
-        return self.sliding_window if self.is_sliding else -1
+        return self.window if self.window else -1
 
     def get_max_cache_shape(self) -> int:
         return self.get_max_length()
@@ -87,36 +92,15 @@ class PagedLayer(CacheLayerMixin):
         self.num_tokens = 0
         self.num_paged = 0
         self.residual_keys = self.residual_values = None
+        self.sink_keys = self.sink_values = None
         self._pending = None
         self.is_initialized = False
 
     def _select_residual(self, index: torch.Tensor) -> None:
-        if self.residual_keys is not None:
-            self.residual_keys = self.residual_keys.index_select(0, index.to(self.residual_keys.device))
-            self.residual_values = self.residual_values.index_select(0, index.to(self.residual_values.device))
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-
-
-def _layer_windows(cfg: Any, num_layers: int) -> list[int | None]:
-    """Sliding window per layer (None for full attention), following the config's layer types."""
-    layer_types = getattr(cfg, "layer_types", None)
-    window = getattr(cfg, "sliding_window", None)
-    if layer_types is None:
-        layer_types = ["sliding_attention" if window is not None else "full_attention"] * num_layers
-    out: list[int | None] = []
-    for i, t in enumerate(layer_types[:num_layers]):
-        if t == "full_attention":
-            out.append(None)
-        elif t == "sliding_attention":
-            if not window:
-                raise ValueError(f"layer {i} is 'sliding_attention' but config.sliding_window={window!r}")
-            out.append(int(window))
-        else:
-            raise NotImplementedError(f"PagedKVCache does not support layer type {t!r} (layer {i})")
-    return out
+        for name in ("residual_keys", "residual_values", "sink_keys", "sink_values"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index.to(t.device)))
 
 
 class PagedKVCache(Cache):
@@ -153,103 +137,84 @@ class PagedKVCache(Cache):
         ``"pagedkv"`` makes ``update`` return only the new full-precision tail for the fused
         ``"pagedkv"`` attention (which reads the pages directly); anything else returns dense K/V.
         Default: follow ``config._attn_implementation`` at each update (the model's own choice).
+    recent_window, sink_tokens, rotary:
+        Streaming policy for inputs longer than the model's context or the budget (StreamingLLM):
+        full-attention layers keep the newest ``recent_window`` positions (the current one included)
+        plus the first ``sink_tokens`` positions. The sinks are stored in full precision and re-rotated
+        (RoPE, with the model's ``rotary`` embedding module, e.g. ``model.model.rotary_emb``) so that
+        they sit just before the window: every query-key distance stays below ``recent_window +
+        sink_tokens``. ``recent_window`` alone is plain truncation.
+    prefix_caching, eviction, ttl_seconds, salt, clock:
+        Prefix caching and its eviction policy; see :class:`pagedkv.KVStore`.
+    store:
+        Share the paged storage (budget, pages, prefix index) of a :class:`pagedkv.KVStore` with other
+        caches; storage options then come from the store and may not be given here.
     """
 
     def __init__(
         self,
         config: Any = None,
-        kv_format: str = "bf16",
+        kv_format: str | None = None,
         *,
-        key_format: str | None = None,
-        value_format: str | None = None,
-        layer_formats: Sequence[Any] | Mapping[int, Any] | None = None,
-        block_size: int | None = None,
-        residual_length: int | None = None,
-        key_group_size: int | None = None,
-        value_group_size: int | None = None,
-        max_memory_bytes: int | None = None,
-        max_blocks: int | None = None,
-        blocks_per_chunk: int | None = None,
+        store: KVStore | None = None,
         check_finite: bool = True,
         attn_implementation: str | None = None,
-        num_layers: int | None = None,
-        num_kv_heads: int | None = None,
-        head_dim: int | None = None,
+        sink_tokens: int = 0,
+        rotary: Any = None,
+        **storage_options: Any,
     ):
-        cfg = _text_config(config) if config is not None else None
-        if cfg is not None:
-            num_layers = num_layers if num_layers is not None else cfg.num_hidden_layers
-            heads = getattr(cfg, "num_attention_heads", None)
-            num_kv_heads = num_kv_heads if num_kv_heads is not None else (getattr(cfg, "num_key_value_heads", None) or heads)
-            if head_dim is None:
-                head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        if num_layers is None or num_kv_heads is None or head_dim is None:
-            raise ValueError("PagedKVCache needs a model config, or num_layers, num_kv_heads and head_dim")
-        for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            if not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        windows = _layer_windows(cfg, num_layers) if cfg is not None else [None] * num_layers
-        formats = resolve_layer_formats(num_layers, kv_format, key_format, value_format, layer_formats)
-        grouped = any(f.grouped for f in formats)
-        grouped_keys = any(f.key in GROUPED for f in formats)
-        if block_size is None:
-            block_size = 64 if grouped else 16
-        if not isinstance(block_size, int) or block_size <= 0 or block_size % 16:
-            raise ValueError(f"block_size must be a positive multiple of 16, got {block_size!r}")
-        if residual_length is None:
-            residual_length = DEFAULT_RESIDUAL_LENGTH if grouped else 0
-        if not isinstance(residual_length, int) or residual_length < 0:
-            raise ValueError(f"residual_length must be an int >= 0, got {residual_length!r}")
-        if max_memory_bytes is not None and (not isinstance(max_memory_bytes, int) or max_memory_bytes < 0):
-            raise ValueError(f"max_memory_bytes must be an int >= 0 or None, got {max_memory_bytes!r}")
-        if max_blocks is not None and (not isinstance(max_blocks, int) or max_blocks < 0):
-            raise ValueError(f"max_blocks must be an int >= 0 or None, got {max_blocks!r}")
-
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.block_size = block_size
-        self.residual_length = residual_length if grouped else 0
-        self.layer_formats = formats
+        if store is None:
+            store = KVStore(config, "bf16" if kv_format is None else kv_format, **storage_options)
+            self._owns_store = True
+        else:
+            if not isinstance(store, KVStore):
+                raise TypeError(f"store must be a pagedkv.KVStore, got {type(store).__name__}")
+            if kv_format is not None or storage_options:
+                given = (["kv_format"] if kv_format is not None else []) + sorted(storage_options)
+                raise ValueError(f"storage options {given} must be given to the KVStore, not to a cache built on one")
+            self._owns_store = False
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+        if sink_tokens and store.recent_window is None:
+            raise ValueError("sink_tokens needs recent_window (the window the sinks stay beside)")
+        if sink_tokens and rotary is None:
+            raise ValueError("sink_tokens needs rotary=<the model's rotary embedding module> to re-rotate the sinks")
+        self.store = store
+        self.num_kv_heads = store.num_kv_heads
+        self.head_dim = store.head_dim
+        self.block_size = store.block_size
+        self.residual_length = store.residual_length
+        self.layer_formats = store.layer_formats
+        self.flush_quantum = store.flush_quantum
+        self.max_memory_bytes = store.max_memory_bytes
+        self._pages = store.pages
         self.check_finite = check_finite
-        self._cfg = cfg
+        self._cfg = text_config(config) if config is not None else store.config
         self._attn_implementation = attn_implementation
-        self.max_memory_bytes = max_memory_bytes
-        self._max_blocks = max_blocks
-        self._blocks_per_chunk = blocks_per_chunk
-        key_group = group_for("int4", KEY, head_dim, key_group_size, None, block_size) if grouped_keys else 1
-        # Positions leave the residual window in whole key groups.
-        self.flush_quantum = key_group
-        self._pages = {
-            i: LayerPages(
-                f, num_kv_heads, head_dim, block_size,
-                group_for(f.key, KEY, head_dim, key_group_size, value_group_size, block_size),
-                group_for(f.value, VALUE, head_dim, key_group_size, value_group_size, block_size),
-            )
-            for i, f in enumerate(formats)
-        }
-        self._windows = windows
-        super().__init__(layers=[PagedLayer(self, i, w) for i, w in enumerate(windows)])
+        self.sink_tokens = sink_tokens
+        self.rotary = rotary
+        self._token_ids: torch.Tensor | None = None
+        layers = [PagedLayer(self, i, mw, w, sink_tokens if mw is None and w is not None else 0)
+                  for i, (mw, w) in enumerate(zip(store.model_windows, store.windows))]
+        super().__init__(layers=layers)
         self._build_groups()
 
     # ------------------------------------------------------------------------------------------
     # storage
     # ------------------------------------------------------------------------------------------
     def _build_groups(self) -> None:
-        self._budget = _C.MemoryBudget(-1 if self.max_memory_bytes is None else self.max_memory_bytes)
-        by_window: dict[int | None, list[int]] = {}
-        for i, w in enumerate(self._windows):
-            by_window.setdefault(w, []).append(i)
-        self._groups: list[PagedGroup] = []
-        self._group_of: list[PagedGroup] = [None] * len(self._windows)  # type: ignore[list-item]
-        for w, ids in by_window.items():
-            g = PagedGroup(ids, self._pages, self.block_size, w, self._budget,
-                           -1 if self._max_blocks is None else self._max_blocks, self._blocks_per_chunk)
-            self._groups.append(g)
-            for i in ids:
-                self._group_of[i] = g
+        self._groups = [PagedGroup(g) for g in self.store.groups]
+        self._group_of = [self._groups[self.store.group_of[i]] for i in range(len(self.layers))]
+        self._budget = self.store.budget
         self._batch_size: int | None = None
         self._device: torch.device | None = None
         self._dtype: torch.dtype | None = None
+
+    def _acquire(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.store.bind(device, dtype)
+        self._batch_size = batch_size
+        self._device, self._dtype = device, dtype
+        self.store.num_caches += 1
 
     @property
     def fused(self) -> bool:
@@ -257,7 +222,7 @@ class PagedKVCache(Cache):
         impl = self._attn_implementation
         if impl is None:
             impl = getattr(self._cfg, "_attn_implementation", None)
-        return impl == "pagedkv"
+        return impl == "pagedkv" and not self.sink_tokens
 
     def _target_paged(self, group: PagedGroup, num_tokens: int) -> int:
         """Positions that belong in pages once the sequence has ``num_tokens`` positions."""
@@ -323,19 +288,27 @@ class PagedKVCache(Cache):
         layer = self.layers[layer_idx]
         group = self._group_of[layer_idx]
         if self._batch_size is None:
+            self.store.bind(key_states.device, key_states.dtype)  # raises before anything changes
             for g in self._groups:
                 g.set_batch(key_states.shape[0])
-            self._batch_size = key_states.shape[0]
-            self._device, self._dtype = key_states.device, key_states.dtype
+            self._acquire(key_states.shape[0], key_states.device, key_states.dtype)
         device = key_states.device
         old_tokens, old_paged = layer.num_tokens, layer.num_paged
         new_tokens = old_tokens + key_states.shape[2]
         target = self._target_paged(group, new_tokens)
-        visible = max(old_tokens - layer.sliding_window + 1, 0) if layer.is_sliding else 0
+        visible = layer.visible_start()
         if target > group.num_paged:
-            if layer.is_sliding:
+            if layer.window:
                 group.drop_front(visible)
+            if group.storage.index is not None:
+                self.store.now()  # the time eviction (inside advance) compares against
             group.advance(target, device)  # BudgetExhaustedError: this layer is unchanged
+        if layer.sinks and old_tokens < layer.sinks:
+            take = min(layer.sinks - old_tokens, key_states.shape[2])
+            sk, sv = key_states[:, :, :take].clone(), value_states[:, :, :take].clone()
+            if layer.sink_keys is not None:
+                sk, sv = torch.cat([layer.sink_keys, sk], dim=2), torch.cat([layer.sink_values, sv], dim=2)
+            layer.sink_keys, layer.sink_values = sk, sv
         if layer.residual_keys is not None:
             tail_k = torch.cat([layer.residual_keys, key_states], dim=2)
             tail_v = torch.cat([layer.residual_values, value_states], dim=2)
@@ -354,6 +327,10 @@ class PagedKVCache(Cache):
         else:
             out_k, out_v = self._dense(layer_idx, visible, old_paged, tail_k[:, :, first_tail:],
                                        tail_v[:, :, first_tail:])
+            shown = layer.num_sinks_shown(visible)
+            if shown:
+                out_k = torch.cat([self._rotate(layer.sink_keys[:, :, :shown], visible - shown), out_k], dim=2)
+                out_v = torch.cat([layer.sink_values[:, :, :shown], out_v], dim=2)
         flush = target - old_paged
         if flush > 0:
             group.write(layer_idx, old_paged, tail_k[:, :, :flush], tail_v[:, :, :flush])
@@ -367,6 +344,21 @@ class PagedKVCache(Cache):
         layer.num_tokens, layer.num_paged = new_tokens, target
         layer.is_initialized = True
         return out_k, out_v
+
+    def _rotate(self, keys: torch.Tensor, shift: int) -> torch.Tensor:
+        """Keys rotated (RoPE, rotate-half convention) by ``shift`` more positions."""
+        if shift == 0:
+            return keys
+        pos = torch.tensor([[shift]], device=keys.device)
+        x = keys.float()
+        cos, sin = self.rotary(x, pos)
+        scale = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
+        cos, sin = (cos[0, 0].float() / scale), (sin[0, 0].float() / scale)
+        r = cos.shape[-1]
+        rot, rest = x[..., :r], x[..., r:]
+        half = rot.shape[-1] // 2
+        rotated = rot * cos + torch.cat([-rot[..., half:], rot[..., :half]], dim=-1) * sin
+        return torch.cat([rotated, rest], dim=-1).to(keys.dtype)
 
     def _dense(self, layer_idx: int, begin: int, end: int, tail_k: torch.Tensor, tail_v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,7 +401,7 @@ class PagedKVCache(Cache):
             mask_offset=begin, k_format=FORMATS[f.key], v_format=FORMATS[f.value], k_group=pages.key_group,
             v_group=pages.value_group, block_size=self.block_size, blocks_per_chunk=group.blocks_per_chunk,
             num_kv_heads=self.num_kv_heads, scale=scaling if scaling is not None else self.head_dim ** -0.5,
-            softcap=softcap, window=layer.sliding_window or 0)
+            softcap=softcap, window=layer.window or 0)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if not isinstance(layer_idx, int) or layer_idx < 0:
@@ -507,11 +499,11 @@ class PagedKVCache(Cache):
             return
         # Check every layer first, so a refused crop changes nothing.
         for layer in self.layers:
-            if layer.is_sliding:
-                needed = max(new_len - layer.sliding_window + 1, 0)
+            if layer.window:
+                needed = max(new_len - layer.window + 1, 0)
                 if needed < self._group_of[layer.layer_idx].first_available:
                     raise ValueError(f"crop({max_length}) reaches tokens that sliding layer {layer.layer_idx} already "
-                                     f"dropped (window {layer.sliding_window}); it can roll back only within its window")
+                                     f"dropped (window {layer.window}); it can roll back only within its window")
         for g in self._groups:
             q = g.num_paged
             new_q = max(min(q, new_len // self.flush_quantum * self.flush_quantum), g.first_available)
@@ -530,18 +522,197 @@ class PagedKVCache(Cache):
                         layer.residual_keys = layer.residual_values = None
                     layer.num_paged = new_q
                 layer.num_tokens = new_len
+                if layer.sink_keys is not None and layer.sink_keys.shape[2] > new_len:
+                    layer.sink_keys = layer.sink_keys[:, :, :new_len]
+                    layer.sink_values = layer.sink_values[:, :, :new_len]
             if new_q < q:
                 g.truncate(new_q)
+        if self._token_ids is not None:
+            self._token_ids = self._token_ids[:, :new_len]
 
-    def reset(self) -> None:
-        """Forget every sequence and release the page memory."""
+    def release(self) -> None:
+        """Hand this cache's sequences back to the store: blocks registered in the prefix cache stay
+        cached (evictable once nothing references them), the others are freed. The cache is empty and
+        reusable afterwards."""
         for layer in self.layers:
             layer.reset()
-        for p in self._pages.values():
-            p.release()
         for g in self._groups:
             g.release()
+        if self._batch_size is not None:
+            self.store.num_caches -= 1
+        self._token_ids = None
         self._build_groups()
+
+    def reset(self) -> None:
+        """Forget every sequence; a cache that owns its storage without prefix caching also releases
+        the page memory (a shared store keeps it for the other caches and the prefix cache)."""
+        self.release()
+        if self._owns_store and not self.store.prefix_caching:
+            self.store.clear()
+            self._build_groups()
+
+    def __del__(self) -> None:
+        try:
+            if not self._owns_store and self._batch_size is not None:
+                self.release()
+        except Exception:  # interpreter shutdown: the store may already be gone
+            pass
+
+    # ------------------------------------------------------------------------------------------
+    # prefix caching and reuse across requests
+    # ------------------------------------------------------------------------------------------
+    @property
+    def prefix_caching(self) -> bool:
+        return self.store.prefix_caching
+
+    @property
+    def token_ids(self) -> torch.Tensor | None:
+        """Token ids of the positions this cache holds, when known (``[batch, seq_len]``, int64)."""
+        return self._token_ids
+
+    @token_ids.setter
+    def token_ids(self, ids: Any) -> None:
+        if ids is None:
+            self._token_ids = None
+            return
+        rows = as_token_rows(ids)
+        n = self.get_seq_length()
+        if len(rows) != self.batch_size or len(rows[0]) < n:
+            raise ValueError(f"token_ids must cover the {n} cached positions of each of the {self.batch_size} "
+                             f"sequences, got {len(rows)} rows of {len(rows[0])}")
+        self._token_ids = torch.as_tensor(__import__("numpy").stack(rows)[:, :n], dtype=torch.long)
+
+    def _require_prefix_caching(self, what: str) -> None:
+        if not self.store.prefix_caching:
+            raise RuntimeError(f"{what} needs prefix caching: build the cache (or its KVStore) with prefix_caching=True")
+
+    def attach_prefix(self, input_ids: Any) -> int:
+        """Attach the longest cached prefix of ``input_ids`` (``[batch, seq_len]`` or ``[seq_len]``) to this
+        empty cache: its blocks gain a reference, nothing is recomputed. Returns the number of positions
+        attached (whole blocks, the same for every row, and at most ``seq_len - 1`` so the model still
+        computes the last prompt token). The caller then runs the model on ``input_ids[:, attached:]``."""
+        self._require_prefix_caching("attach_prefix")
+        if self._batch_size is not None:
+            raise RuntimeError("attach_prefix needs an empty cache; call release() first")
+        rows = as_token_rows(input_ids)
+        n = len(rows[0])
+        full = n // self.block_size
+        if self.store.dtype is None:  # nothing stored yet
+            for _ in rows:
+                self.store._count(0, full)
+            return 0
+        t = self.store.now()
+        self.store.expire()
+        salt = self.store.hash_salt()
+        cap = max((n - 1) // self.block_size, 0)
+        groups = self.store.groups
+        hit = min(len(g.index.match(r, salt, t, cap, False)) for g in groups for r in rows)
+        matches = [[g.index.match(r, salt, t, hit, True) for r in rows] for g in groups]
+        for _ in rows:
+            self.store._count(hit, full - hit)
+        if hit == 0:
+            return 0
+        tokens = hit * self.block_size
+        for pg, rows_blocks in zip(self._groups, matches):
+            pg.attach([list(m) for m in rows_blocks], tokens)
+        for layer in self.layers:
+            layer.num_tokens = layer.num_paged = tokens
+            layer.residual_keys = layer.residual_values = None
+            layer.is_initialized = True
+        self._acquire(len(rows), self.store.device, self.store.dtype)
+        self._token_ids = torch.as_tensor(__import__("numpy").stack(rows)[:, :tokens], dtype=torch.long)
+        return tokens
+
+    def cache_prefix(self, token_ids: Any = None, *, priority: int = 0, pin: bool = False) -> int:
+        """Register the full paged blocks this cache holds in the prefix cache, keyed by ``token_ids``
+        (the ids of the cached positions, ``[batch, >= cached]``; default: :attr:`token_ids`). Returns the
+        number of blocks newly cached. ``priority`` orders the ``"priority"`` eviction policy; ``pin=True``
+        keeps the blocks until :meth:`KVStore.unpin`."""
+        self._require_prefix_caching("cache_prefix")
+        if self._batch_size is None:
+            return 0
+        if token_ids is None:
+            if self._token_ids is None:
+                raise ValueError("cache_prefix() needs token_ids: this cache does not know the ids it holds")
+            token_ids = self._token_ids
+        self.token_ids = token_ids  # validates the shape
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        for layer in self.layers:
+            if layer.num_paged != self._group_of[layer.layer_idx].num_paged:
+                raise RuntimeError("cache_prefix called in the middle of a forward step (layers differ in length)")
+        t = self.store.now()
+        salt = self.store.hash_salt()
+        rows = as_token_rows(self._token_ids)
+        added = 0
+        for g in self._groups:
+            paged = g.num_paged
+            for row, seq in zip(rows, g.seqs):
+                added += g.storage.index.insert(row[:paged], list(g.tables.blocks(seq)), salt, t, priority, bool(pin))
+        return added
+
+    def prepare(self, input_ids: Any) -> int:
+        """Make this cache hold the longest reusable prefix of ``input_ids`` before running the model on the
+        rest: what it already holds (when its :attr:`token_ids` agree), or with prefix caching the longest
+        cached prefix (after registering what it held). Returns the number of positions reused; run the
+        model on ``input_ids[:, reused:]``. :func:`pagedkv.generate` and ``model.generate`` after
+        :func:`pagedkv.enable_prefix_reuse` call this for you."""
+        rows = as_token_rows(input_ids)
+        n = len(rows[0])
+        if self._batch_size is not None:
+            known = self._token_ids
+            common = 0
+            if known is not None and known.shape[0] == len(rows) and self._batch_size == len(rows):
+                k = known.numpy()
+                m = min(k.shape[1], n - 1)
+                common = m
+                for r_known, r in zip(k, rows):
+                    diff = (r_known[:m] != r[:m]).nonzero()[0]
+                    common = min(common, int(diff[0]) if diff.size else m)
+            if self.store.prefix_caching:
+                if known is not None:
+                    self.cache_prefix(known)
+                self.release()
+            elif common > 0 and not self.sink_tokens and self._can_crop_to(common):
+                self.crop(common - self.get_seq_length())
+                return common
+            else:
+                self.release()
+        if self.store.prefix_caching:
+            return self.attach_prefix(rows)
+        return 0
+
+    def _can_crop_to(self, new_len: int) -> bool:
+        return all(not layer.window or max(new_len - layer.window + 1, 0) >= self._group_of[i].first_available
+                   for i, layer in enumerate(self.layers))
+
+    # ------------------------------------------------------------------------------------------
+    # step snapshots (chunked prefill rolls a failed chunk back)
+    # ------------------------------------------------------------------------------------------
+    def snapshot(self) -> Any:
+        """An opaque record of the cache's state between forward steps, for :meth:`restore`. Valid until the
+        cache is reordered, cropped, released or restored past it; a later step only appends."""
+        return (self._batch_size, [(l.num_tokens, l.num_paged, l.residual_keys, l.residual_values, l.sink_keys,
+                                    l.sink_values) for l in self.layers],
+                [g.num_paged for g in self._groups], self._token_ids)
+
+    def restore(self, snap: Any) -> None:
+        """Roll back to a :meth:`snapshot` taken earlier in the same run of forward steps: positions written
+        since are forgotten (their blocks freed). Used when a step fails or is cancelled half-way."""
+        batch, layers, paged, token_ids = snap
+        if batch is None:
+            self.release()
+            return
+        if batch != self._batch_size:
+            raise RuntimeError("restore: the cache was reordered since the snapshot")
+        for g, q in zip(self._groups, paged):
+            if g.num_paged > q:
+                g.truncate(q)
+        for layer, st in zip(self.layers, layers):
+            (layer.num_tokens, layer.num_paged, layer.residual_keys, layer.residual_values, layer.sink_keys,
+             layer.sink_values) = st
+            layer._pending = None
+        self._token_ids = token_ids
 
     # ------------------------------------------------------------------------------------------
     # memory statistics
@@ -553,14 +724,15 @@ class PagedKVCache(Cache):
         page tensors held (grown in chunks); ``dense_bf16_bytes`` is what a bf16 ``DynamicCache`` stores
         for the same tokens (sliding layers: their window).
         """
-        paged = sum(g.pool.num_used * g.pool.bytes_per_block for g in self._groups)
+        # Blocks this cache's sequences hold (shared prefix blocks count once per cache).
+        paged = sum(len({b for s in g.seqs for b in g.tables.blocks(s)}) * g.pool.bytes_per_block for g in self._groups)
         reserved = sum(g.pool.reserved_bytes for g in self._groups)
         residual = 0
         dense = 0
         for layer in self.layers:
             if layer.residual_keys is not None:
                 residual += layer.residual_keys.nbytes + layer.residual_values.nbytes
-            kept = layer.num_tokens if not layer.is_sliding else min(layer.num_tokens, layer.sliding_window - 1)
+            kept = layer.num_tokens if not layer.window else min(layer.num_tokens, layer.window - 1) + layer.sinks
             dense += 2 * 2 * (self._batch_size or 0) * self.num_kv_heads * self.head_dim * kept
         tokens = (self._batch_size or 0) * self.get_seq_length()
         used = paged + residual

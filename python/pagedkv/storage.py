@@ -80,12 +80,9 @@ class LayerPages:
         ops.copy_blocks(self.v_chunks, pairs, block_bytes=self.value_layout["block_bytes"], blocks_per_chunk=blocks_per_chunk)
 
 
-class PagedGroup:
-    """Block tables shared by the layers of one attention group, for a batch of sequences.
-
-    All sequences of the batch hold the same positions ``[start, num_paged)`` in pages, as in a
-    transformers batch (left padding is stored like any token).
-    """
+class GroupStorage:
+    """What the layers of one attention group share across every cache of a store: the block pool, the
+    block tables (each cache holds its own sequences in them) and, with prefix caching, the prefix index."""
 
     def __init__(self, layer_ids: list[int], pages: dict[int, LayerPages], block_size: int,
                  sliding_window: int | None, budget: _C.MemoryBudget, max_blocks: int,
@@ -99,6 +96,24 @@ class PagedGroup:
             blocks_per_chunk = max(1, min(MAX_BLOCKS_PER_CHUNK, CHUNK_TARGET_BYTES // bytes_per_block))
         self.pool = _C.BlockPool(bytes_per_block, blocks_per_chunk, max_blocks, budget)
         self.tables = _C.BlockTables(self.pool, block_size)
+        self.index: _C.PrefixIndex | None = None
+
+
+class PagedGroup:
+    """One cache's batch of sequences in a :class:`GroupStorage`.
+
+    All sequences of the batch hold the same positions ``[start, num_paged)`` in pages, as in a
+    transformers batch (left padding is stored like any token).
+    """
+
+    def __init__(self, storage: GroupStorage):
+        self.storage = storage
+        self.layer_ids = storage.layer_ids
+        self.pages = storage.pages
+        self.block_size = storage.block_size
+        self.sliding_window = storage.sliding_window
+        self.pool = storage.pool
+        self.tables = storage.tables
         self.seqs: list[int] = []
         self._table_cache: tuple[torch.device, torch.Tensor] | None = None
         self._index_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, ...]] = {}
@@ -129,6 +144,14 @@ class PagedGroup:
     def set_batch(self, batch_size: int) -> None:
         self.tables.free_sequences(self.seqs)
         self.seqs = self.tables.add_sequences(batch_size)
+        self._changed()
+
+    def attach(self, rows: list[list[int]], num_tokens: int) -> None:
+        """Sequences holding positions ``[0, num_tokens)`` in the given (cached) blocks, one per row."""
+        self.tables.free_sequences(self.seqs)
+        self.seqs = []
+        for blocks in rows:
+            self.seqs.append(self.tables.add_sequence_with_blocks(blocks, num_tokens))
         self._changed()
 
     def block_table(self, device: torch.device) -> torch.Tensor:
