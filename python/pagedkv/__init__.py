@@ -5,7 +5,16 @@ import torch  # noqa: F401  (must load before the extension: _C links libtorch)
 from pagedkv import _C  # noqa: E402  (loads the TORCH_LIBRARY ops as well)
 from pagedkv._C import BudgetExhaustedError  # noqa: E402
 from pagedkv.config import FORMATS, KVFormat, LayerFormat, format_table  # noqa: E402
+from pagedkv.store import KVStore  # noqa: E402
 from pagedkv.cache import PagedKVCache  # noqa: E402
+from pagedkv.generation import (  # noqa: E402
+    PrefillCancelled,
+    auto_chunk_size,
+    enable_prefix_reuse,
+    generate,
+    prefill,
+    sample_next,
+)
 from pagedkv import attention as _attention  # noqa: E402
 from pagedkv.streaming import (  # noqa: E402
     CachedTextIteratorStreamer,
@@ -26,6 +35,13 @@ __all__ = [
     "TokenDecoder",
     "UnsupportedTokenizerError",
     "KVFormat",
+    "KVStore",
+    "PrefillCancelled",
+    "auto_chunk_size",
+    "enable_prefix_reuse",
+    "generate",
+    "prefill",
+    "sample_next",
     "LayerFormat",
     "PagedKVCache",
     "format_table",
