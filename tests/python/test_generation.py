@@ -143,8 +143,10 @@ def test_sample_next_filters():
 
 def test_generate_streams_stops_at_eos_and_pads(stories):
     model, tok = stories
-    ids = tok(["Once upon a time", "The cat sat"], return_tensors="pt", padding=True).input_ids
-    mask = tok(["Once upon a time", "The cat sat"], return_tensors="pt", padding=True).attention_mask
+    rows = [tok(t).input_ids for t in ("Once upon a time there was", "The cat sat")]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])  # left padding
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     streamer = pagedkv.CachedTextStreamer(tok, skip_prompt=True)
     chunks = []
     streamer.on_finalized_text = lambda text, stream_end=False: chunks.append(text)
