@@ -623,11 +623,12 @@ class PagedKVCache(Cache):
         self._token_ids = torch.as_tensor(__import__("numpy").stack(rows)[:, :tokens], dtype=torch.long)
         return tokens
 
-    def cache_prefix(self, token_ids: Any = None, *, priority: int = 0, pin: bool = False) -> int:
+    def cache_prefix(self, token_ids: Any = None, *, priority: int = 0, pin: bool = False, flush: bool = True) -> int:
         """Register the full paged blocks this cache holds in the prefix cache, keyed by ``token_ids``
         (the ids of the cached positions, ``[batch, >= cached]``; default: :attr:`token_ids`). Returns the
         number of blocks newly cached. ``priority`` orders the ``"priority"`` eviction policy; ``pin=True``
-        keeps the blocks until :meth:`KVStore.unpin`."""
+        keeps the blocks until :meth:`KVStore.unpin`. ``flush=True`` first quantizes the whole blocks of the
+        full-precision residual window into pages (grouped formats), so every full block can be shared."""
         self._require_prefix_caching("cache_prefix")
         if self._batch_size is None:
             return 0
@@ -641,6 +642,8 @@ class PagedKVCache(Cache):
         for layer in self.layers:
             if layer.num_paged != self._group_of[layer.layer_idx].num_paged:
                 raise RuntimeError("cache_prefix called in the middle of a forward step (layers differ in length)")
+        if flush:
+            self._flush_residual()
         t = self.store.now()
         salt = self.store.hash_salt()
         rows = as_token_rows(self._token_ids)
@@ -650,6 +653,23 @@ class PagedKVCache(Cache):
             for row, seq in zip(rows, g.seqs):
                 added += g.storage.index.insert(row[:paged], list(g.tables.blocks(seq)), salt, t, priority, bool(pin))
         return added
+
+    def _flush_residual(self) -> None:
+        """Move the residual window's whole blocks into pages (all-or-nothing per group)."""
+        quantum = max(self.block_size, self.flush_quantum)
+        for g in self._groups:
+            target = self.get_seq_length() // quantum * quantum
+            if target <= g.num_paged:
+                continue
+            g.advance(target, self._device)  # BudgetExhaustedError: nothing changed
+            for i in g.layer_ids:
+                layer = self.layers[i]
+                n = target - layer.num_paged
+                g.write(i, layer.num_paged, layer.residual_keys[:, :, :n], layer.residual_values[:, :, :n])
+                rest = layer.num_tokens - target
+                layer.residual_keys = layer.residual_keys[:, :, n:].clone() if rest else None
+                layer.residual_values = layer.residual_values[:, :, n:].clone() if rest else None
+                layer.num_paged = target
 
     def prepare(self, input_ids: Any) -> int:
         """Make this cache hold the longest reusable prefix of ``input_ids`` before running the model on the

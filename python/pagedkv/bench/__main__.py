@@ -1,4 +1,4 @@
-"""``python -m pagedkv.bench <memory|attention|generate|decode> [options]``."""
+"""``python -m pagedkv.bench <memory|attention|generate|decode|prefix|longctx> [options]``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 def main() -> None:
     commands = {"memory": "pagedkv.bench.memory", "attention": "pagedkv.bench.attention", "decode": "pagedkv.bench.decode",
-                "generate": "pagedkv.bench.generate"}
+                "generate": "pagedkv.bench.generate", "prefix": "pagedkv.bench.prefix", "longctx": "pagedkv.bench.longctx"}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m pagedkv.bench {{{','.join(commands)}}} [options]", file=sys.stderr)
         raise SystemExit(2)

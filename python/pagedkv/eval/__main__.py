@@ -1,4 +1,4 @@
-"""``python -m pagedkv.eval <ppl|agree> [options]``."""
+"""``python -m pagedkv.eval <ppl|agree|sinks> [options]``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 
 def main() -> None:
-    commands = {"ppl": "pagedkv.eval.ppl", "agree": "pagedkv.eval.agree"}
+    commands = {"ppl": "pagedkv.eval.ppl", "agree": "pagedkv.eval.agree", "sinks": "pagedkv.eval.sinks"}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m pagedkv.eval {{{','.join(commands)}}} [options]", file=sys.stderr)
         raise SystemExit(2)
