@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One device call: build with CUDA, run the CUDA tests, then the GPU benchmarks, writing every log,
-# JSON and plot under $OUT. Usage (device tool): bash scripts/gpu.sh [tests|bench|all] (default all)
+# JSON and plot under $OUT. Usage (device tool): bash scripts/gpu.sh [tests|bench|serve|all] (default all;
+# several may be given: "tests serve"). serve = the long-context (200k chunked prefill) and
+# shared-prompt benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHAT=${1:-all}
+WHAT=" ${*:-all} "
+has() { [[ $WHAT == *" $1 "* || $WHAT == *" all "* ]]; }
 OUT=${OUT:-/tmp/pagedkv-out}
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PATH=/usr/local/cuda/bin:$PATH PYTHONUNBUFFERED=1
@@ -23,14 +26,18 @@ echo "build ok ($(( $(date +%s) - t0 )) s)"
 # Deselected on the device: the CPU bad-input tests (an exception thrown out of the extension built
 # with this image's compiler crashes the process: open bug) and the exact-token stories260K bf16 test
 # (it checks CPU SDPA bf16 numerics of the pinned torch 2.13; the image has 2.11).
-if [[ $WHAT == tests || $WHAT == all ]]; then
+if has tests; then
   python -m pytest tests/python/test_cuda.py tests/python/test_attention_op.py tests/python/test_attention_hf.py -q -x -k "not bad_input and not stories_greedy_identical_to_sdpa_dynamic" \
     -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
 fi
-if [[ $WHAT == bench || $WHAT == all ]]; then
+if has bench; then
   python -m pagedkv.bench attention ${ATTN_ARGS:-} --json "$OUT/attention.json" --plot "$OUT/attention.png" \
     2>&1 | tee "$OUT/attention.log" | grep -v "^done"
   if [[ -n ${GENERATE:-1} ]]; then
     python -m pagedkv.bench generate ${GEN_ARGS:-} --json "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log" | tail -25
   fi
+fi
+if has serve; then
+  python -m pagedkv.bench longctx ${LONGCTX_ARGS:-} --json "$OUT/longctx.json" 2>&1 | tee "$OUT/longctx.log" | tail -14
+  python -m pagedkv.bench prefix --device cuda ${PREFIX_ARGS:-} --json "$OUT/prefix.json" 2>&1 | tee "$OUT/prefix.log" | tail -8
 fi
