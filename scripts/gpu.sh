@@ -2,7 +2,8 @@
 # One device call: build with CUDA, run the CUDA tests, then the GPU benchmarks, writing every log,
 # JSON and plot under $OUT. Usage (device tool): bash scripts/gpu.sh [tests|bench|serve|all] (default all;
 # several may be given: "tests serve"). serve = the long-context (200k chunked prefill) and
-# shared-prompt benchmarks.
+# shared-prompt benchmarks; sanitize (not part of all) = the CUDA tests under compute-sanitizer
+# memcheck, and racecheck/synccheck on the attention kernels; build = only build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHAT=" ${*:-all} "
@@ -40,4 +41,15 @@ fi
 if has serve; then
   python -m pagedkv.bench longctx ${LONGCTX_ARGS:-} --json "$OUT/longctx.json" 2>&1 | tee "$OUT/longctx.log" | tail -14
   python -m pagedkv.bench prefix --device cuda ${PREFIX_ARGS:-} --json "$OUT/prefix.json" 2>&1 | tee "$OUT/prefix.log" | tail -8
+fi
+if [[ $WHAT == *" sanitize "* ]]; then
+  CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  SEL="cuda and not bad_input and not generate"
+  for tool in memcheck racecheck synccheck; do
+    k=$SEL
+    [[ $tool != memcheck ]] && k="$SEL and (bf16 or int4)"
+    "$CS" --tool $tool --error-exitcode 9 python -m pytest tests/python/test_cuda.py tests/python/test_attention_op.py \
+      -q -x -p no:cacheprovider -k "$k" > "$OUT/sanitize_$tool.log" 2>&1
+    echo "compute-sanitizer $tool: exit $? ($(grep -E "passed|failed" "$OUT/sanitize_$tool.log" | tail -1)); $(grep -E "ERROR SUMMARY" "$OUT/sanitize_$tool.log" | tail -1)"
+  done
 fi
