@@ -50,6 +50,6 @@ if [[ $WHAT == *" sanitize "* ]]; then
     [[ $tool != memcheck ]] && k="$SEL and (bf16 or int4)"
     "$CS" --tool $tool --error-exitcode 9 python -m pytest tests/python/test_cuda.py tests/python/test_attention_op.py \
       -q -x -p no:cacheprovider -k "$k" > "$OUT/sanitize_$tool.log" 2>&1
-    echo "compute-sanitizer $tool: exit $? ($(grep -E "passed|failed" "$OUT/sanitize_$tool.log" | tail -1)); $(grep -E "ERROR SUMMARY" "$OUT/sanitize_$tool.log" | tail -1)"
+    echo "compute-sanitizer $tool: exit $? ($(grep -E "passed|failed" "$OUT/sanitize_$tool.log" | tail -1)); $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize_$tool.log" | tail -1)"
   done
 fi
