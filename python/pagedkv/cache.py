@@ -625,7 +625,8 @@ class PagedKVCache(Cache):
 
     def cache_prefix(self, token_ids: Any = None, *, priority: int = 0, pin: bool = False, flush: bool = True) -> int:
         """Register the full paged blocks this cache holds in the prefix cache, keyed by ``token_ids``
-        (the ids of the cached positions, ``[batch, >= cached]``; default: :attr:`token_ids`). Returns the
+        (the ids of the cached positions ``[batch, n]``; a prefix of them registers only its whole
+        blocks; default: :attr:`token_ids`). Returns the
         number of blocks newly cached. ``priority`` orders the ``"priority"`` eviction policy; ``pin=True``
         keeps the blocks until :meth:`KVStore.unpin`. ``flush=True`` first quantizes the whole blocks of the
         full-precision residual window into pages (grouped formats), so every full block can be shared."""
@@ -636,7 +637,11 @@ class PagedKVCache(Cache):
             if self._token_ids is None:
                 raise ValueError("cache_prefix() needs token_ids: this cache does not know the ids it holds")
             token_ids = self._token_ids
-        self.token_ids = token_ids  # validates the shape
+        rows = as_token_rows(token_ids)
+        if len(rows) != self._batch_size:
+            raise ValueError(f"token_ids has {len(rows)} rows but the cache holds {self._batch_size} sequences")
+        if len(rows[0]) >= self.get_seq_length():
+            self.token_ids = token_ids  # the ids of every cached position: remember them
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an int, got {priority!r}")
         for layer in self.layers:
@@ -646,10 +651,9 @@ class PagedKVCache(Cache):
             self._flush_residual()
         t = self.store.now()
         salt = self.store.hash_salt()
-        rows = as_token_rows(self._token_ids)
         added = 0
         for g in self._groups:
-            paged = g.num_paged
+            paged = min(g.num_paged, len(rows[0]))  # a prefix of what the cache holds may be given
             for row, seq in zip(rows, g.seqs):
                 added += g.storage.index.insert(row[:paged], list(g.tables.blocks(seq)), salt, t, priority, bool(pin))
         return added
