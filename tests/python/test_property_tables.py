@@ -33,7 +33,8 @@ _logical = itertools.count()
 class TablesMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.pool = _C.BlockPool(64, 5, MAX_BLOCKS, _C.MemoryBudget(-1))
+        self.budget = _C.MemoryBudget(-1)
+        self.pool = _C.BlockPool(64, 5, MAX_BLOCKS, self.budget)
         self.tables = _C.BlockTables(self.pool, BS)
         self.model: dict[int, dict] = {}  # seq -> {"tokens", "start", "blocks": [logical ids]}
 
@@ -119,6 +120,7 @@ class TablesMachine(RuleBasedStateMachine):
     @invariant()
     def consistent(self):
         self.pool.check_invariants()
+        assert self.budget.reserved_bytes == self.pool.reserved_bytes == 64 * self.pool.capacity  # bytes accounted = held
         to_phys: dict[int, int] = {}
         uses: Counter = Counter()
         for s, m in self.model.items():
