@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -580,7 +581,7 @@ class PagedKVCache(Cache):
         if len(rows) != self.batch_size or len(rows[0]) < n:
             raise ValueError(f"token_ids must cover the {n} cached positions of each of the {self.batch_size} "
                              f"sequences, got {len(rows)} rows of {len(rows[0])}")
-        self._token_ids = torch.as_tensor(__import__("numpy").stack(rows)[:, :n], dtype=torch.long)
+        self._token_ids = torch.as_tensor(np.stack(rows)[:, :n], dtype=torch.long)
 
     def _require_prefix_caching(self, what: str) -> None:
         if not self.store.prefix_caching:
@@ -620,7 +621,7 @@ class PagedKVCache(Cache):
             layer.residual_keys = layer.residual_values = None
             layer.is_initialized = True
         self._acquire(len(rows), self.store.device, self.store.dtype)
-        self._token_ids = torch.as_tensor(__import__("numpy").stack(rows)[:, :tokens], dtype=torch.long)
+        self._token_ids = torch.as_tensor(np.stack(rows)[:, :tokens], dtype=torch.long)
         return tokens
 
     def cache_prefix(self, token_ids: Any = None, *, priority: int = 0, pin: bool = False, flush: bool = True) -> int:

@@ -240,6 +240,7 @@ def generate(model: Any, input_ids: torch.Tensor, cache: PagedKVCache | KVStore 
         mask = attention_mask
         pos = _position_ids(attention_mask)[:, -1:]
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        eos_ids = torch.tensor(sorted(eos), device=input_ids.device)
         for step in range(max_new_tokens):
             nxt = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                               generator=generator)
@@ -248,7 +249,7 @@ def generate(model: Any, input_ids: torch.Tensor, cache: PagedKVCache | KVStore 
             if streamer is not None:
                 streamer.put(nxt.cpu())
             if eos:
-                finished |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
+                finished |= torch.isin(nxt, eos_ids)
                 if bool(finished.all()):
                     break
             if step == max_new_tokens - 1:
