@@ -3,7 +3,9 @@
 # JSON and plot under $OUT. Usage (device tool): bash scripts/gpu.sh [tests|bench|serve|all] (default all;
 # several may be given: "tests serve"). serve = the long-context (200k chunked prefill) and
 # shared-prompt benchmarks; sanitize (not part of all) = the CUDA tests under compute-sanitizer
-# memcheck, and racecheck/synccheck on the attention kernels; build = only build.
+# memcheck, and racecheck/synccheck on the attention kernels; profile (not part of all) = torch
+# profiler table and Nsight Compute sections of the decode attention kernel (PROFILE_ARGS); build =
+# only build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHAT=" ${*:-all} "
@@ -41,6 +43,14 @@ fi
 if has serve; then
   python -m pagedkv.bench longctx ${LONGCTX_ARGS:-} --json "$OUT/longctx.json" 2>&1 | tee "$OUT/longctx.log" | tail -14
   python -m pagedkv.bench prefix --device cuda ${PREFIX_ARGS:-} --json "$OUT/prefix.json" 2>&1 | tee "$OUT/prefix.log" | tail -8
+fi
+if [[ $WHAT == *" profile "* ]]; then
+  python scripts/profile_attention.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile_torch.log" | head -20
+  NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  "$NCU" --kernel-name regex:attention --launch-skip 3 --launch-count 1 --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    python scripts/profile_attention.py ${PROFILE_ARGS:-} --calls 2 --no-table > "$OUT/profile_ncu.log" 2>&1
+  grep -E "Duration|Throughput|Occupancy|Registers|Block Limit|Stall|Warp Cycles|Issue|Executed Ipc|L1/TEX Hit|L2 Hit|Mem Busy|Max Bandwidth|Grid Size|Waves|One or More|No Eligible|Dynamic Shared" "$OUT/profile_ncu.log" | head -60
 fi
 if [[ $WHAT == *" sanitize "* ]]; then
   CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)

@@ -98,6 +98,40 @@ def test_half_precision_query_and_tail(device, dtype):
     _close(out, reference(pi, q.float(), kt, vt, scale=128 ** -0.5), dtype)
 
 
+HALF_CASES = [  # head_dim, gqa, query tokens, window, softcap, masked
+    (64, 1, 1, 0, 0.0, False), (128, 4, 1, 0, 0.0, False), (256, 8, 1, 0, 0.0, False),
+    (128, 4, 3, 40, 0.0, True), (64, 8, 5, 0, 4.0, False),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["bf16", "fp16", "fp8_e4m3", "int8", "int4", "int2", "nf4"])
+@pytest.mark.parametrize("case", range(len(HALF_CASES)))
+def test_half_precision_models(device, dtype, fmt, case):
+    """bf16 / fp16 models (on CUDA: the tensor-core kernel): every format, head_dim 64/128/256, GQA 1/4/8,
+    lengths 1 / block-1 / block / block+1 / long with a tail, query chunks (causal), window, softcap, mask,
+    several row tiles (8 x 5 rows), split and unsplit."""
+    d, gqa, lq, window, softcap, masked = HALF_CASES[case]
+    bs = 64 if fmt in ("int4", "int2", "nf4") else 16
+    lens = [1, bs - 1, bs, bs + 1, 9 * bs + 7]
+    skips = [0, 3, 0, 1, 5] if fmt not in ("int4", "int2", "nf4") else [0] * 5
+    pi = PagedInputs(lens, skips, fmt, fmt, 2, d, block_size=bs, device=device, seed=case)
+    q = torch.randn(len(lens), 2 * gqa, lq, d, device=device).to(dtype)
+    kt, vt = (torch.randn(len(lens), 2, lq + 2, d, device=device).to(dtype) for _ in range(2))
+    kw = dict(scale=d ** -0.5, window=window, softcap=softcap)
+    mask = None
+    if masked:
+        mask = torch.rand(len(lens), max(lens) + lq + 2, device=device) > 0.2
+        mask[:, 0] = True  # every row keeps a key
+        kw["kv_mask"] = mask
+    ref = reference(pi, q.float(), kt, vt, **kw)
+    for splits in (0, 1, 3):
+        out = pi.attend(q, kt, vt, num_splits=splits, **kw)
+        assert out.dtype == dtype and not out.isnan().any()
+        _close(out, ref, dtype)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_strided_query_and_tail(device):
     pi = PagedInputs([100, 40], [0, 0], "bf16", "bf16", 2, 64, block_size=16, device=device)

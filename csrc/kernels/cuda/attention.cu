@@ -8,171 +8,18 @@
 // Softmax over the split, then values: each thread accumulates R x 8 outputs over its tokens, and
 // the token slots are summed through shared memory. A merge kernel combines the splits with the
 // stable (max, sum) rescaling and writes the output dtype.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
-
 #include <algorithm>
 #include <cfloat>
 
-#include "cuda/attention_cuda.h"
+#include "cuda/attention_common.cuh"
 
 namespace pagedkv {
 namespace {
 
+using namespace attn;
+
 constexpr int kThreads = 128;
 constexpr int kC = 8;  // channels per thread
-constexpr int kMaxSplitBlocks = 2048 / 16 + 2;  // block-table columns of the longest split
-
-struct DevView {
-  const uint8_t* chunk[kMaxAttentionChunks];
-  PageLayout L;
-  int32_t bpc;
-  int64_t id_space;
-};
-
-struct KParams {
-  DevView k, v;
-  const int32_t* table;
-  int64_t max_blocks;
-  const int32_t* lens;
-  const int32_t* skip;
-  const float* q;
-  const void* kt;
-  const void* vt;
-  int64_t kts[3], vts[3];
-  int64_t tail_len;
-  DType dtype;
-  const uint8_t* mask;
-  int64_t mask_stride, mask_offset, mask_len;
-  int32_t B, Hq, Lq, H, gqa, rows, row_tiles;
-  float scale, softcap;
-  int64_t window;
-  int64_t split_tokens, num_splits;
-  float* pacc;
-  float* pml;
-  void* out;
-};
-
-__device__ __forceinline__ float round_to(float x, DType dt) {
-  if (dt == DType::kBF16) return __bfloat162float(__float2bfloat16_rn(x));
-  if (dt == DType::kF16) return __half2float(__float2half_rn(x));
-  return x;
-}
-
-__device__ __forceinline__ float h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
-
-__constant__ float kNF4[16] = {-1.00000000f, -0.69619289f, -0.52507304f, -0.39491749f, -0.28444136f, -0.18477344f,
-                               -0.09104999f, 0.00000000f,  0.07958033f,  0.16093017f,  0.24611229f,  0.33791519f,
-                               0.44070980f,  0.56261697f,  0.72295673f,  1.00000000f};
-
-// Dequantizes channels [c0, c0 + 8) of token o in one head region.
-__device__ __forceinline__ void load8(const PageLayout& L, const uint8_t* head, int o, int c0, const float* nf4,
-                                      float* x) {
-  const int D = L.head_dim;
-  const uint8_t* row = head + static_cast<int64_t>(o) * L.code_bytes_per_token;
-  const uint8_t* meta = head + L.code_bytes;
-  switch (L.format) {
-    case Format::kFP32: {
-      const float4 a = *reinterpret_cast<const float4*>(row + 4 * c0);
-      const float4 b = *reinterpret_cast<const float4*>(row + 4 * c0 + 16);
-      x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
-      return;
-    }
-    case Format::kBF16:
-    case Format::kFP16: {
-      const uint4 u = *reinterpret_cast<const uint4*>(row + 2 * c0);
-      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (L.format == Format::kBF16) {
-          x[2 * i] = __uint_as_float(w[i] << 16);
-          x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        } else {
-          x[2 * i] = h2f(static_cast<uint16_t>(w[i] & 0xffffu));
-          x[2 * i + 1] = h2f(static_cast<uint16_t>(w[i] >> 16));
-        }
-      }
-      return;
-    }
-    case Format::kInt8:
-    case Format::kFP8E4M3: {
-      const uint2 u = *reinterpret_cast<const uint2*>(row + c0);
-      const float s = *reinterpret_cast<const float*>(meta + 4 * o);
-      const uint32_t w[2] = {u.x, u.y};
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t b = (w[i / 4] >> (8 * (i % 4))) & 0xffu;
-        if (L.format == Format::kInt8) {
-          x[i] = static_cast<float>(static_cast<int8_t>(b)) * s;
-        } else {
-          x[i] = __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b), __NV_E4M3))) * s;
-        }
-      }
-      return;
-    }
-    case Format::kInt4:
-    case Format::kNF4:
-    case Format::kInt2: {
-      const int bits = L.format == Format::kInt2 ? 2 : 4;
-      const uint32_t u = bits == 4 ? *reinterpret_cast<const uint32_t*>(row + c0 / 2)
-                                   : *reinterpret_cast<const uint16_t*>(row + c0 / 4);
-      float code[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) code[i] = static_cast<float>((u >> (bits * i)) & ((1u << bits) - 1u));
-      if (L.role == Role::kKey) {
-        const int gi = static_cast<int>(static_cast<unsigned>(o) / static_cast<unsigned>(L.group));
-        if (L.format == Format::kNF4) {
-          const int64_t supers = L.block_size / L.group;
-          const float s2 = h2f(*reinterpret_cast<const uint16_t*>(meta + 2 * gi));
-          // The absmax codes start 2 * supers bytes into the metadata: 2-byte aligned only.
-          const uint16_t* a = reinterpret_cast<const uint16_t*>(meta + 2 * supers + static_cast<int64_t>(gi) * D + c0);
-#pragma unroll
-          for (int i = 0; i < 8; ++i)
-            x[i] = nf4[static_cast<int>(code[i])] * (static_cast<float>((a[i / 2] >> (8 * (i % 2))) & 0xffu) * s2);
-        } else {
-          const uint4* sz = reinterpret_cast<const uint4*>(meta + 4 * (static_cast<int64_t>(gi) * D + c0));
-          const uint4 a = sz[0], b = sz[1];
-          const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-          for (int i = 0; i < 8; ++i)
-            x[i] = code[i] * h2f(static_cast<uint16_t>(w[i] & 0xffffu)) + h2f(static_cast<uint16_t>(w[i] >> 16));
-        }
-      } else {
-        const int g = L.group;
-        if (L.format == Format::kNF4) {
-          const float s2 = h2f(*reinterpret_cast<const uint16_t*>(meta + 2 * o));
-          const uint8_t ac = meta[2 * L.block_size + static_cast<int64_t>(o) * (D / g) + c0 / g];
-          const float us = static_cast<float>(ac) * s2;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) x[i] = nf4[static_cast<int>(code[i])] * us;
-        } else {
-          const uint32_t w = *reinterpret_cast<const uint32_t*>(meta + 4 * (static_cast<int64_t>(o) * (D / g) + c0 / g));
-          const float s = h2f(static_cast<uint16_t>(w & 0xffffu)), z = h2f(static_cast<uint16_t>(w >> 16));
-#pragma unroll
-          for (int i = 0; i < 8; ++i) x[i] = code[i] * s + z;
-        }
-      }
-      return;
-    }
-  }
-}
-
-__device__ __forceinline__ float load_scalar(const void* base, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::kF32: return static_cast<const float*>(base)[i];
-    case DType::kBF16: return __uint_as_float(static_cast<uint32_t>(static_cast<const uint16_t*>(base)[i]) << 16);
-    default: return h2f(static_cast<const uint16_t*>(base)[i]);
-  }
-}
-
-// Loads channels [c0, c0 + 8) of tail token t (the dense full-precision part) of sequence s, head h.
-__device__ __forceinline__ void load_tail(const KParams& p, const void* tail, const int64_t* ts, int s, int h, int t,
-                                          int c0, float* x) {
-  const int64_t base = s * ts[0] + h * ts[1] + static_cast<int64_t>(t) * ts[2] + c0;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) x[i] = load_scalar(tail, p.dtype, base + i);
-}
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(dst));
@@ -568,14 +415,6 @@ bool fast_path(const AttentionParams& p) {
 int rows_per_block(const AttentionParams& p) { return p.rows() >= 8 ? 8 : 4; }
 int64_t max_split(int R) { return R == 8 ? 1024 : 2048; }
 
-DevView make_dev_view(const PagedView& v) {
-  DevView d;
-  for (int64_t i = 0; i < v.num_chunks; ++i) d.chunk[i] = v.chunks[i];
-  d.L = v.layout;
-  d.bpc = v.blocks_per_chunk;
-  d.id_space = v.id_space();
-  return d;
-}
 
 template <int D, int R>
 cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
@@ -592,8 +431,11 @@ cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
 
 }  // namespace
 
+bool use_mma(const AttentionParams& p) { return fast_path(p) && attention_mma_supported(p); }
+
 void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, int64_t forced_splits) {
-  const int R = rows_per_block(p);
+  const bool mma = use_mma(p);
+  const int R = mma ? kMmaRows : rows_per_block(p);
   const int64_t row_tiles = (p.rows() + R - 1) / R;
   const int64_t base = std::max<int64_t>(1, p.num_seqs * p.num_kv_heads() * row_tiles);
   const int64_t n = std::max<int64_t>(max_entries, 1);
@@ -604,7 +446,12 @@ void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, i
   }
   int64_t split = (n + splits - 1) / splits;
   split = (split + 15) / 16 * 16;
-  if (fast_path(p)) split = std::min<int64_t>(split, max_split(R));
+  if (fast_path(p)) {
+    // The split's block addresses live in shared memory (kMaxSplitBlocks columns, a split may start
+    // mid-block); the CUDA-core kernel also keeps the split's scores there.
+    split = std::min<int64_t>(split, (kMaxSplitBlocks - 2) * p.k.layout.block_size);
+    if (!mma) split = std::min<int64_t>(split, max_split(R));
+  }
   p.split_tokens = split;
   p.num_splits = (n + split - 1) / split;
 }
@@ -648,7 +495,10 @@ cudaError_t paged_attention_cuda(const AttentionParams& p, const float* query_f3
   k.pml = p.partial_ml;
   k.out = p.out;
   const int D = static_cast<int>(p.head_dim());
-  if (fast_path(p)) {
+  if (use_mma(p)) {
+    k.row_tiles = static_cast<int32_t>((k.rows + kMmaRows - 1) / kMmaRows);
+    PKV_CUDA_TRY(attention_mma_launch(k, stream));
+  } else if (fast_path(p)) {
     const int R = rows_per_block(p);
     k.row_tiles = (k.rows + R - 1) / R;
     const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(k.H * k.row_tiles),

@@ -1,0 +1,205 @@
+// Device pieces shared by the CUDA attention kernels (attention.cu: fp32 CUDA-core kernel and the
+// merge; attention_mma.cu: tensor-core kernel): kernel parameters, and the dequantization of 8
+// consecutive channels of one token from a page head region (codes + metadata) into fp32.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "cuda/attention_cuda.h"
+
+namespace pagedkv {
+namespace attn {
+
+constexpr int kMaxSplitBlocks = 2048 / 16 + 2;  // block-table columns of the longest split
+
+struct DevView {
+  const uint8_t* chunk[kMaxAttentionChunks];
+  PageLayout L;
+  int32_t bpc;
+  int64_t id_space;
+};
+
+struct KParams {
+  DevView k, v;
+  const int32_t* table;
+  int64_t max_blocks;
+  const int32_t* lens;
+  const int32_t* skip;
+  const float* q;
+  const void* kt;
+  const void* vt;
+  int64_t kts[3], vts[3];
+  int64_t tail_len;
+  DType dtype;
+  const uint8_t* mask;
+  int64_t mask_stride, mask_offset, mask_len;
+  int32_t B, Hq, Lq, H, gqa, rows, row_tiles;
+  float scale, softcap;
+  int64_t window;
+  int64_t split_tokens, num_splits;
+  float* pacc;
+  float* pml;
+  void* out;
+};
+
+__device__ __forceinline__ float round_to(float x, DType dt) {
+  if (dt == DType::kBF16) return __bfloat162float(__float2bfloat16_rn(x));
+  if (dt == DType::kF16) return __half2float(__float2half_rn(x));
+  return x;
+}
+
+static __constant__ float kNF4[16] = {
+    -1.00000000f, -0.69619289f, -0.52507304f, -0.39491749f, -0.28444136f, -0.18477344f, -0.09104999f, 0.00000000f,
+    0.07958033f,  0.16093017f,  0.24611229f,  0.33791519f,  0.44070980f,  0.56261697f,  0.72295673f,  1.00000000f};
+
+__device__ __forceinline__ float h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+
+__device__ __forceinline__ float load_scalar(const void* base, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::kF32: return static_cast<const float*>(base)[i];
+    case DType::kBF16: return __uint_as_float(static_cast<uint32_t>(static_cast<const uint16_t*>(base)[i]) << 16);
+    default: return h2f(static_cast<const uint16_t*>(base)[i]);
+  }
+}
+
+// Loads channels [c0, c0 + 8) of tail token t (the dense full-precision part) of sequence s, head h.
+__device__ __forceinline__ void load_tail(const KParams& p, const void* tail, const int64_t* ts, int s, int h, int t,
+                                          int c0, float* x) {
+  const int64_t base = s * ts[0] + h * ts[1] + static_cast<int64_t>(t) * ts[2] + c0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x[i] = load_scalar(tail, p.dtype, base + i);
+}
+
+// Dequantizes channels [c0, c0 + 8) of token o in one head region (format F, role RL; the layout
+// supplies sizes and groups). `nf4` is the NF4 code book (16 floats, shared memory).
+template <Format F, Role RL>
+__device__ __forceinline__ void load8f(const PageLayout& L, const uint8_t* head, int o, int c0, const float* nf4,
+                                       float* x) {
+  const int D = L.head_dim;
+  const uint8_t* row = head + static_cast<int64_t>(o) * L.code_bytes_per_token;
+  const uint8_t* meta = head + L.code_bytes;
+  if constexpr (F == Format::kFP32) {
+    const float4 a = *reinterpret_cast<const float4*>(row + 4 * c0);
+    const float4 b = *reinterpret_cast<const float4*>(row + 4 * c0 + 16);
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+  } else if constexpr (F == Format::kBF16 || F == Format::kFP16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(row + 2 * c0);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (F == Format::kBF16) {
+        x[2 * i] = __uint_as_float(w[i] << 16);
+        x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+      } else {
+        x[2 * i] = h2f(static_cast<uint16_t>(w[i] & 0xffffu));
+        x[2 * i + 1] = h2f(static_cast<uint16_t>(w[i] >> 16));
+      }
+    }
+  } else if constexpr (F == Format::kInt8 || F == Format::kFP8E4M3) {
+    const uint2 u = *reinterpret_cast<const uint2*>(row + c0);
+    const float s = *reinterpret_cast<const float*>(meta + 4 * o);
+    const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t b = (w[i / 4] >> (8 * (i % 4))) & 0xffu;
+      if constexpr (F == Format::kInt8) {
+        // Biased (b ^ 0x80 = value + 128) under the 2^23 exponent: exact without an int conversion.
+        x[i] = (__uint_as_float(0x4b000000u | (b ^ 0x80u)) - 8388736.0f) * s;
+      } else {
+        x[i] = __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b), __NV_E4M3))) * s;
+      }
+    }
+  } else {  // int4, nf4, int2
+    constexpr int bits = F == Format::kInt2 ? 2 : 4;
+    const uint32_t u = bits == 4 ? *reinterpret_cast<const uint32_t*>(row + c0 / 2)
+                                 : *reinterpret_cast<const uint16_t*>(row + c0 / 4);
+    uint32_t ci[8];
+    float code[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      ci[i] = (u >> (bits * i)) & ((1u << bits) - 1u);
+      // 2^23 + code as a float bit pattern, minus 2^23: the code as a float without a conversion.
+      code[i] = __uint_as_float(0x4b000000u | ci[i]) - 8388608.0f;
+    }
+    if constexpr (RL == Role::kKey) {
+      const int gi = static_cast<int>(static_cast<unsigned>(o) / static_cast<unsigned>(L.group));
+      if constexpr (F == Format::kNF4) {
+        const int64_t supers = L.block_size / L.group;
+        const float s2 = h2f(*reinterpret_cast<const uint16_t*>(meta + 2 * gi));
+        // The absmax codes start 2 * supers bytes into the metadata: 2-byte aligned only.
+        const uint16_t* a = reinterpret_cast<const uint16_t*>(meta + 2 * supers + static_cast<int64_t>(gi) * D + c0);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          x[i] = nf4[ci[i]] * (static_cast<float>((a[i / 2] >> (8 * (i % 2))) & 0xffu) * s2);
+      } else {
+        const uint4* sz = reinterpret_cast<const uint4*>(meta + 4 * (static_cast<int64_t>(gi) * D + c0));
+        const uint4 a = sz[0], b = sz[1];
+        const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));  // (scale, zero)
+          x[i] = code[i] * f.x + f.y;
+        }
+      }
+    } else {
+      const int g = L.group;
+      if constexpr (F == Format::kNF4) {
+        const float s2 = h2f(*reinterpret_cast<const uint16_t*>(meta + 2 * o));
+        const uint8_t ac = meta[2 * L.block_size + static_cast<int64_t>(o) * (D / g) + c0 / g];
+        const float us = static_cast<float>(ac) * s2;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) x[i] = nf4[ci[i]] * us;
+      } else {
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(meta + 4 * (static_cast<int64_t>(o) * (D / g) + c0 / g));
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+#pragma unroll
+        for (int i = 0; i < 8; ++i) x[i] = code[i] * f.x + f.y;
+      }
+    }
+  }
+}
+
+// Runtime-format form of load8f (layout's format and role).
+__device__ __forceinline__ void load8(const PageLayout& L, const uint8_t* head, int o, int c0, const float* nf4,
+                                      float* x) {
+#define PKV_LOAD8(F)                                                                 \
+  case F:                                                                            \
+    if (L.role == Role::kKey) load8f<F, Role::kKey>(L, head, o, c0, nf4, x);         \
+    else load8f<F, Role::kValue>(L, head, o, c0, nf4, x);                            \
+    return;
+  switch (L.format) {
+    PKV_LOAD8(Format::kFP32)
+    PKV_LOAD8(Format::kBF16)
+    PKV_LOAD8(Format::kFP16)
+    PKV_LOAD8(Format::kInt8)
+    PKV_LOAD8(Format::kFP8E4M3)
+    PKV_LOAD8(Format::kInt4)
+    PKV_LOAD8(Format::kNF4)
+    PKV_LOAD8(Format::kInt2)
+  }
+#undef PKV_LOAD8
+}
+
+inline DevView make_dev_view(const PagedView& v) {
+  DevView d;
+  for (int64_t i = 0; i < v.num_chunks; ++i) d.chunk[i] = v.chunks[i];
+  d.L = v.layout;
+  d.bpc = v.blocks_per_chunk;
+  d.id_space = v.id_space();
+  return d;
+}
+
+}  // namespace attn
+
+// The tensor-core kernel (attention_mma.cu): bf16 / fp16 models, head_dim 64 / 128 / 256, keys and
+// values in one format (not fp32 pages), block sizes a power of two; launch writes the split partials
+// for a grid of (num_splits, H x row_tiles of 16 rows, B).
+constexpr int kMmaRows = 16;
+bool attention_mma_supported(const AttentionParams& p);
+cudaError_t attention_mma_launch(const attn::KParams& k, cudaStream_t stream);
+
+}  // namespace pagedkv
