@@ -36,7 +36,7 @@ fi
 if has bench; then
   python -m pagedkv.bench attention ${ATTN_ARGS:-} --json "$OUT/attention.json" --plot "$OUT/attention.png" \
     2>&1 | tee "$OUT/attention.log" | grep -v "^done"
-  if [[ -n ${GENERATE:-1} ]]; then
+  if [[ -n ${GENERATE-1} ]]; then
     python -m pagedkv.bench generate ${GEN_ARGS:-} --json "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log" | tail -25
   fi
 fi

@@ -441,7 +441,9 @@ void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, i
   const int64_t n = std::max<int64_t>(max_entries, 1);
   int64_t splits = forced_splits;
   if (splits <= 0) {
-    splits = std::max<int64_t>(1, (4 * static_cast<int64_t>(num_sms) + base - 1) / base);
+    // The tensor-core kernel keeps 3 blocks per SM: aim at several waves so the last one is short.
+    const int64_t target = (mma ? 8 : 4) * static_cast<int64_t>(num_sms);
+    splits = std::max<int64_t>(1, (target + base - 1) / base);
     splits = std::min(splits, std::max<int64_t>(1, n / 256));
   }
   int64_t split = (n + splits - 1) / splits;

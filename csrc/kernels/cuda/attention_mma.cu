@@ -57,52 +57,100 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint4& a, uint32_t b0, 
   }
 }
 
-// Where entry e of the split lives: page head region + token offset, or the dense tail.
-struct Entries {
+// How a format reaches the mma. kPass: 16-bit pages in the model dtype, fed as stored. kTokenScale:
+// int8 / fp8 with one scale per token, fed as unscaled codes (exact in bf16 / fp16); the key scale
+// multiplies the score, the value scale the probability. kDequant: dequantized in fp32, rounded.
+enum class Feed { kPass, kTokenScale, kDequant };
+
+template <Format F, typename T>
+constexpr Feed feed_of() {
+  if constexpr ((F == Format::kBF16 && std::is_same_v<T, __nv_bfloat16>) || (F == Format::kFP16 && std::is_same_v<T, __half>))
+    return Feed::kPass;
+  else if constexpr (F == Format::kInt8 || F == Format::kFP8E4M3)
+    return Feed::kTokenScale;
+  else
+    return Feed::kDequant;
+}
+
+template <Format F>
+constexpr int code_bytes_per_token(int D) {
+  return F == Format::kFP32 ? 4 * D : F == Format::kBF16 || F == Format::kFP16 ? 2 * D
+         : F == Format::kInt8 || F == Format::kFP8E4M3 ? D : F == Format::kInt2 ? D / 4 : D / 2;
+}
+
+// One entry of the split: its page head region and token offset, or the dense tail.
+struct Tok {
+  const uint8_t* head;  // null: tail or absent
+  int off;
+  bool tail, ok;  // ok: in this warp's range and backed by storage
+};
+
+struct Split {
   const uint8_t* const* heads;  // per split column from col0 (null: block outside the pages)
-  int col0, bs_shift, bmask, iplen, iskip, ie1;
-  __device__ __forceinline__ const uint8_t* head(int e, int& off) const {
+  int col0, bs_shift, bmask, iplen, iskip;
+  __device__ __forceinline__ Tok at(int e, int lim) const {
+    Tok t{nullptr, 0, false, false};
+    if (e >= lim) return t;
+    if (e >= iplen) {
+      t.tail = t.ok = true;
+      return t;
+    }
     const int pos = iskip + e;
-    off = pos & bmask;
-    return heads[(pos >> bs_shift) - col0];
-  }
-  // In the split and backed by storage (a page block that exists, or the tail).
-  __device__ __forceinline__ bool present(int e) const {
-    if (e >= ie1) return false;
-    if (e >= iplen) return true;
-    int off;
-    return head(e, off) != nullptr;
+    t.off = pos & bmask;
+    t.head = heads[(pos >> bs_shift) - col0];
+    t.ok = t.head != nullptr;
+    return t;
   }
 };
 
-// Channels [c0, c0 + 8) of entry e (zero when absent).
-template <Format F, Role RL>
-__device__ __forceinline__ void load_entry(const KParams& p, const Entries& en, const PageLayout& L, const void* tail,
-                                           const int64_t* ts, int s, int h, int e, int c0, const float* nf4,
-                                           float* x) {
-  if (e < en.ie1) {
-    if (e < en.iplen) {
-      int off;
-      const uint8_t* hd = en.head(e, off);
-      if (hd != nullptr) {
-        load8f<F, RL>(L, hd, off, c0, nf4, x);
-        return;
-      }
+// Unscaled codes of channels [c0, c0 + 8) of an int8 / fp8 row, as floats.
+template <Format F>
+__device__ __forceinline__ void codes8(const uint8_t* row, int c0, float* x) {
+  const uint2 u = *reinterpret_cast<const uint2*>(row + c0);
+  const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t b = (w[i / 4] >> (8 * (i % 4))) & 0xffu;
+    if constexpr (F == Format::kInt8) {
+      x[i] = __uint_as_float(0x4b000000u | (b ^ 0x80u)) - 8388736.0f;
     } else {
-      load_tail(p, tail, ts, s, h, e - en.iplen, c0, x);
-      return;
+      x[i] = __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b), __NV_E4M3)));
     }
   }
+}
+
+// Channels [c0, c0 + 8) of entry tk as floats in the form the feed wants (zero when absent).
+template <Format F, Role RL, typename T>
+__device__ __forceinline__ void entry8(const KParams& p, const PageLayout& L, const Tok& tk, const void* tail,
+                                       const int64_t* ts, int s, int h, int e, int c0, const float* nf4, float* x) {
+  constexpr Feed FD = feed_of<F, T>();
+  if (tk.ok && !tk.tail) {
+    if constexpr (FD == Feed::kTokenScale) {
+      codes8<F>(tk.head + tk.off * code_bytes_per_token<F>(L.head_dim), c0, x);
+    } else {
+      load8f<F, RL>(L, tk.head, tk.off, c0, nf4, x);
+    }
+  } else if (tk.ok) {
+    load_tail(p, tail, ts, s, h, e - p.lens[s], c0, x);
+  } else {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) x[i] = 0.0f;
+    for (int i = 0; i < 8; ++i) x[i] = 0.0f;
+  }
+}
+
+// Scale of a kTokenScale entry (1 for tail entries and absent ones).
+__device__ __forceinline__ float token_scale(const PageLayout& L, const Tok& tk) {
+  return tk.ok && !tk.tail ? *reinterpret_cast<const float*>(tk.head + L.code_bytes + 4 * tk.off) : 1.0f;
 }
 
 template <int D, Format F, typename T>
 __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kernel(const __grid_constant__ KParams p) {
-  constexpr int KS = D / 16;  // k-steps of Q K^T
-  constexpr int NT = D / 8;   // n-tiles of P V
-  constexpr int KCH = D / 32; // 8-channel key chunks per lane
-  constexpr int VG = D / 64;  // 8-channel value chunks per lane and token
+  constexpr int KS = D / 16;   // k-steps of Q K^T
+  constexpr int NT = D / 8;    // n-tiles of P V
+  constexpr int KCH = D / 32;  // 8-channel key chunks per lane: channels c D/4 + 8 j
+  constexpr int VG = D / 64;   // 8-channel value chunks per lane and token: channels 8 (8 vg + g)
+  constexpr Feed FD = feed_of<F, T>();
+  constexpr int CBT = code_bytes_per_token<F>(D);
   extern __shared__ __align__(16) uint8_t smem[];
   uint4* sq = reinterpret_cast<uint4*>(smem);                 // [KS][32] query A fragments
   float* so = reinterpret_cast<float*>(smem + KS * 32 * 16);  // [kWarps][16][D] warp accumulators
@@ -131,10 +179,11 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
     row_lo[tid] = lo;
     row_hi[tid] = hi;
   }
-  // Query A fragments, in the channel order the key loads use (see the file comment).
+  // Query A fragments: k-step kk, slots 0..3 (a0 low/high, a2 low/high) are the lane's channels
+  // c D/4 + 4 kk + slot, the order in which the key chunks are read.
   for (int idx = tid; idx < KS * 32; idx += kThreads) {
     const int kk = idx >> 5, ln = idx & 31, r = ln >> 2, cc = ln & 3;
-    const int d0 = 8 * (4 * (kk >> 1) + cc) + 4 * (kk & 1);
+    const int d0 = cc * (D / 4) + 4 * kk;
     uint32_t w[4];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -145,8 +194,8 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
         q = *reinterpret_cast<const float4*>(p.q + ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D +
                                              d0);
       }
-      w[half] = pack2<T>(q.x, q.y);      // a0 / a1: k = 2c, 2c + 1
-      w[2 + half] = pack2<T>(q.z, q.w);  // a2 / a3: k = 2c + 8, 2c + 9
+      w[half] = pack2<T>(q.x, q.y);
+      w[2 + half] = pack2<T>(q.z, q.w);
     }
     sq[idx] = make_uint4(w[0], w[1], w[2], w[3]);
   }
@@ -175,32 +224,57 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
     v_heads[j] = ok ? p.v.chunk[blk / p.v.bpc] + (blk % p.v.bpc) * p.v.L.block_bytes + h * p.v.L.head_bytes : nullptr;
   }
   __syncthreads();
-  const int ie0 = static_cast<int>(e0), ie1 = static_cast<int>(e0 + len);
-  const Entries ke{k_heads, col0, bs_shift, (1 << bs_shift) - 1, static_cast<int>(plen), static_cast<int>(skip), ie1};
-  Entries ve = ke;
-  ve.heads = v_heads;
+  const Split ks{k_heads, col0, bs_shift, (1 << bs_shift) - 1, static_cast<int>(plen), static_cast<int>(skip)};
+  Split vs = ks;
+  vs.heads = v_heads;
   const int lo0 = row_lo[g], hi0 = row_hi[g], lo1 = row_lo[g + 8], hi1 = row_hi[g + 8];
+  // Each warp takes a contiguous run of 16-token steps.
+  const int ie0 = static_cast<int>(e0), ilen = static_cast<int>(len);
+  const int per_warp = (ilen + 16 * kWarps - 1) / (16 * kWarps) * 16;
+  const int w0 = ie0 + warp * per_warp, lim = min(w0 + per_warp, ie0 + ilen);
 
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
   float o[NT][4];
 #pragma unroll
   for (int t = 0; t < NT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
 
-  for (int st = ie0 + kStep * warp; st < ie1; st += kStep * kWarps) {
-    // Scores of tokens st .. st + 15 (two n-tiles of 8).
+  for (int st = w0; st < lim; st += kStep) {
+    // Scores of tokens st .. st + 15 (two n-tiles of 8); this lane reads the keys of token st + 8 t + g.
     float sc[2][4];
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
       sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.0f;
       const int e = st + 8 * t + g;
+      const Tok tk = ks.at(e, lim);
+      if constexpr (FD == Feed::kPass) {
+        if (tk.ok && !tk.tail) {
+          const uint8_t* row = tk.head + tk.off * CBT + 2 * c * (D / 4);
+#pragma unroll
+          for (int j = 0; j < KCH; ++j) {
+            const uint4 w = *reinterpret_cast<const uint4*>(row + 16 * j);
+            mma<T>(sc[t], sq[(2 * j) * 32 + lane], w.x, w.y);
+            mma<T>(sc[t], sq[(2 * j + 1) * 32 + lane], w.z, w.w);
+          }
+          continue;
+        }
+      }
 #pragma unroll
       for (int j = 0; j < KCH; ++j) {
         float x[8];
-        load_entry<F, Role::kKey>(p, ke, p.k.L, p.kt, p.kts, s, h, e, 8 * (4 * j + c), nf4, x);
+        entry8<F, Role::kKey, T>(p, p.k.L, tk, p.kt, p.kts, s, h, e, c * (D / 4) + 8 * j, nf4, x);
         mma<T>(sc[t], sq[(2 * j) * 32 + lane], pack2<T>(x[0], x[1]), pack2<T>(x[2], x[3]));
         mma<T>(sc[t], sq[(2 * j + 1) * 32 + lane], pack2<T>(x[4], x[5]), pack2<T>(x[6], x[7]));
       }
     }
+    // The lane's score columns: tokens st + 8 t + 2 c + i, which are also its value tokens.
+    Tok kc[2][2], vc[2][2];
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        kc[t][i] = ks.at(st + 8 * t + 2 * c + i, lim);
+        vc[t][i] = vs.at(st + 8 * t + 2 * c + i, lim);
+      }
     // Scale, cap, mask; online softmax per row (rows g and g + 8; the 4 lanes of a row share it).
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
@@ -208,8 +282,10 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int e = st + 8 * t + 2 * c + i;
-        const bool ok = ke.present(e) && (mask == nullptr || e >= mask_n || mask[e] != 0);
-        float v0 = sc[t][i] * p.scale, v1 = sc[t][2 + i] * p.scale;
+        const bool ok = kc[t][i].ok && (mask == nullptr || e >= mask_n || mask[e] != 0);
+        float f = p.scale;
+        if constexpr (FD == Feed::kTokenScale) f *= token_scale(p.k.L, kc[t][i]);
+        float v0 = sc[t][i] * f, v1 = sc[t][2 + i] * f;
         if (p.softcap > 0.0f) {
           v0 = p.softcap * tanhf(v0 / p.softcap);
           v1 = p.softcap * tanhf(v1 / p.softcap);
@@ -247,21 +323,51 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
       o[t][2] *= a1;
       o[t][3] *= a1;
     }
-    const uint4 pa = make_uint4(pack2<T>(pr[0][0], pr[0][1]), pack2<T>(pr[0][2], pr[0][3]),
-                                pack2<T>(pr[1][0], pr[1][1]), pack2<T>(pr[1][2], pr[1][3]));
+    // Probabilities as the A fragment, rounded to the model dtype (times the value scale for
+    // kTokenScale: P diag(s) codes = P V).
+    float pv[2][4];
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float f = 1.0f;
+        if constexpr (FD == Feed::kTokenScale) f = token_scale(p.v.L, vc[t][i]);
+        pv[t][i] = pr[t][i] * f;
+        pv[t][2 + i] = pr[t][2 + i] * f;
+      }
+    const uint4 pa = make_uint4(pack2<T>(pv[0][0], pv[0][1]), pack2<T>(pv[0][2], pv[0][3]),
+                                pack2<T>(pv[1][0], pv[1][1]), pack2<T>(pv[1][2], pv[1][3]));
     // Values of tokens 2c, 2c + 1 (b0) and 2c + 8, 2c + 9 (b1), output column g of every n-tile.
     uint32_t vb[2][NT];
 #pragma unroll
-    for (int pair = 0; pair < 2; ++pair) {
-      const int e = st + 2 * c + 8 * pair;
+    for (int t = 0; t < 2; ++t) {
+      const Tok& ta = vc[t][0];
+      const Tok& tb = vc[t][1];
+      const int e = st + 8 * t + 2 * c;
 #pragma unroll
-      for (int vg = 0; vg < VG; ++vg) {
-        float xa[8], xb[8];
-        const int c0 = 8 * (8 * vg + g);
-        load_entry<F, Role::kValue>(p, ve, p.v.L, p.vt, p.vts, s, h, e, c0, nf4, xa);
-        load_entry<F, Role::kValue>(p, ve, p.v.L, p.vt, p.vts, s, h, e + 1, c0, nf4, xb);
+      for (int q = 0; q < VG; ++q) {
+        const int c0 = 8 * (8 * q + g);
+        bool done = false;
+        if constexpr (FD == Feed::kPass) {
+          if (ta.ok && !ta.tail && tb.ok && !tb.tail) {
+            const uint4 ua = *reinterpret_cast<const uint4*>(ta.head + ta.off * CBT + 2 * c0);
+            const uint4 ub = *reinterpret_cast<const uint4*>(tb.head + tb.off * CBT + 2 * c0);
+            const uint32_t wa[4] = {ua.x, ua.y, ua.z, ua.w}, wb[4] = {ub.x, ub.y, ub.z, ub.w};
 #pragma unroll
-        for (int i = 0; i < 8; ++i) vb[pair][8 * vg + i] = pack2<T>(xa[i], xb[i]);
+            for (int i = 0; i < 4; ++i) {
+              vb[t][8 * q + 2 * i] = __byte_perm(wa[i], wb[i], 0x5410);
+              vb[t][8 * q + 2 * i + 1] = __byte_perm(wa[i], wb[i], 0x7632);
+            }
+            done = true;
+          }
+        }
+        if (!done) {
+          float xa[8], xb[8];
+          entry8<F, Role::kValue, T>(p, p.v.L, ta, p.vt, p.vts, s, h, e, c0, nf4, xa);
+          entry8<F, Role::kValue, T>(p, p.v.L, tb, p.vt, p.vts, s, h, e + 1, c0, nf4, xb);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) vb[t][8 * q + i] = pack2<T>(xa[i], xb[i]);
+        }
       }
     }
 #pragma unroll
