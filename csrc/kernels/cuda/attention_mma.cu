@@ -246,24 +246,29 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
       sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.0f;
       const int e = st + 8 * t + g;
       const Tok tk = ks.at(e, lim);
-      if constexpr (FD == Feed::kPass) {
-        if (tk.ok && !tk.tail) {
-          const uint8_t* row = tk.head + tk.off * CBT + 2 * c * (D / 4);
-#pragma unroll
-          for (int j = 0; j < KCH; ++j) {
-            const uint4 w = *reinterpret_cast<const uint4*>(row + 16 * j);
-            mma<T>(sc[t], sq[(2 * j) * 32 + lane], w.x, w.y);
-            mma<T>(sc[t], sq[(2 * j + 1) * 32 + lane], w.z, w.w);
-          }
-          continue;
-        }
-      }
+      // Only the loads may differ between lanes: mma.sync must be issued by the whole warp together.
 #pragma unroll
       for (int j = 0; j < KCH; ++j) {
-        float x[8];
-        entry8<F, Role::kKey, T>(p, p.k.L, tk, p.kt, p.kts, s, h, e, c * (D / 4) + 8 * j, nf4, x);
-        mma<T>(sc[t], sq[(2 * j) * 32 + lane], pack2<T>(x[0], x[1]), pack2<T>(x[2], x[3]));
-        mma<T>(sc[t], sq[(2 * j + 1) * 32 + lane], pack2<T>(x[4], x[5]), pack2<T>(x[6], x[7]));
+        uint32_t b[4];
+        bool done = false;
+        if constexpr (FD == Feed::kPass) {
+          if (tk.ok && !tk.tail) {
+            const uint4 w = *reinterpret_cast<const uint4*>(tk.head + tk.off * CBT + 2 * (c * (D / 4) + 8 * j));
+            b[0] = w.x;
+            b[1] = w.y;
+            b[2] = w.z;
+            b[3] = w.w;
+            done = true;
+          }
+        }
+        if (!done) {
+          float x[8];
+          entry8<F, Role::kKey, T>(p, p.k.L, tk, p.kt, p.kts, s, h, e, c * (D / 4) + 8 * j, nf4, x);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) b[i] = pack2<T>(x[2 * i], x[2 * i + 1]);
+        }
+        mma<T>(sc[t], sq[(2 * j) * 32 + lane], b[0], b[1]);
+        mma<T>(sc[t], sq[(2 * j + 1) * 32 + lane], b[2], b[3]);
       }
     }
     // The lane's score columns: tokens st + 8 t + 2 c + i, which are also its value tokens.
