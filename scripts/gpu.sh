@@ -30,7 +30,7 @@ echo "build ok ($(( $(date +%s) - t0 )) s)"
 # with this image's compiler crashes the process: open bug) and the exact-token stories260K bf16 test
 # (it checks CPU SDPA bf16 numerics of the pinned torch 2.13; the image has 2.11).
 if has tests; then
-  python -m pytest tests/python/test_cuda.py tests/python/test_attention_op.py tests/python/test_attention_hf.py -q -x -k "not bad_input and not stories_greedy_identical_to_sdpa_dynamic" \
+  timeout ${TEST_TIMEOUT:-900} python -m pytest tests/python/test_cuda.py tests/python/test_attention_op.py tests/python/test_attention_hf.py -q -x -k "not bad_input and not stories_greedy_identical_to_sdpa_dynamic" \
     -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
 fi
 if has bench; then
