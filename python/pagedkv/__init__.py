@@ -5,7 +5,7 @@ import torch  # noqa: F401  (must load before the extension: _C links libtorch)
 from pagedkv import _C  # noqa: E402  (loads the TORCH_LIBRARY ops as well)
 from pagedkv._C import BudgetExhaustedError  # noqa: E402
 from pagedkv.config import FORMATS, KVFormat, LayerFormat, format_table  # noqa: E402
-from pagedkv.store import KVStore  # noqa: E402
+from pagedkv.store import KVStore, tensor_parallel_size  # noqa: E402
 from pagedkv.cache import PagedKVCache  # noqa: E402
 from pagedkv.generation import (  # noqa: E402
     PrefillCancelled,
@@ -36,6 +36,7 @@ __all__ = [
     "UnsupportedTokenizerError",
     "KVFormat",
     "KVStore",
+    "tensor_parallel_size",
     "PrefillCancelled",
     "auto_chunk_size",
     "enable_prefix_reuse",

@@ -251,8 +251,14 @@ class PagedKVCache(Cache):
             if t.dim() != 4:
                 raise ValueError(f"{name} must be [batch, num_kv_heads, seq_len, head_dim], got shape {tuple(t.shape)}")
             if t.shape[1] != self.num_kv_heads:
-                raise ValueError(f"{name} has {t.shape[1]} KV heads (shape {tuple(t.shape)}) but the config has "
-                                 f"num_key_value_heads={self.num_kv_heads}")
+                tp = self.store.tp_size
+                held = f"num_key_value_heads={self.store.total_kv_heads}" + (f" / tp_size={tp}" if tp > 1 else "")
+                hint = ""
+                if self.store.total_kv_heads % t.shape[1] == 0 and t.shape[1] < self.num_kv_heads:
+                    hint = (f"; a tensor-parallel model gives each rank its share of the heads: build the cache "
+                            f"with tp_size={self.store.total_kv_heads // t.shape[1]} (or tp_size='auto')")
+                raise ValueError(f"{name} has {t.shape[1]} KV heads (shape {tuple(t.shape)}) but the cache holds "
+                                 f"{self.num_kv_heads} ({held}){hint}")
             if t.shape[3] != self.head_dim:
                 raise ValueError(f"{name} has head_dim {t.shape[3]} (shape {tuple(t.shape)}) but the config has "
                                  f"head_dim={self.head_dim}")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pagedkv.cache import PagedKVCache
-from pagedkv.store import KVStore
+from pagedkv.store import KVStore, tensor_parallel_size
 
 DEFAULT_CHUNK = 2048
 
@@ -217,7 +217,7 @@ def generate(model: Any, input_ids: torch.Tensor, cache: PagedKVCache | KVStore 
         raise ValueError("input_ids is empty: generate needs at least one prompt token")
     from_store = isinstance(cache, KVStore)
     if cache is None:
-        cache = PagedKVCache(model.config)
+        cache = PagedKVCache(model.config, tp_size=tensor_parallel_size(model))
     elif from_store:
         cache = PagedKVCache(model.config, store=cache)
     elif not isinstance(cache, PagedKVCache):

@@ -52,6 +52,29 @@ def layer_windows(cfg: Any, num_layers: int) -> list[int | None]:
     return out
 
 
+def tensor_parallel_size(model: Any = None) -> int:
+    """Tensor-parallel degree: the model's (transformers ``tp_plan``) when it has one, else the world size
+    of the default torch.distributed process group, else 1."""
+    for attr in ("tp_size", "_tp_size"):
+        size = getattr(model, attr, None) if model is not None else None
+        if isinstance(size, int) and size >= 1:
+            return size
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def resolve_tp_size(tp_size: int | str | None) -> int:
+    if tp_size is None:
+        return 1
+    if tp_size == "auto":
+        return tensor_parallel_size()
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"tp_size must be an int >= 1, 'auto' or None, got {tp_size!r}")
+    return tp_size
+
+
 def _positive_int_or_none(name: str, value: Any, minimum: int = 0) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
         raise ValueError(f"{name} must be an int >= {minimum} or None, got {value!r}")
@@ -74,6 +97,12 @@ class KVStore:
         Mixed into every block hash, e.g. the model id; the dtype of the stored states is always mixed in.
     clock:
         Time source in seconds for TTL (default ``time.monotonic``); tests inject one.
+    tp_size:
+        Tensor parallelism: the model's KV heads (``num_kv_heads`` or the config's) are split evenly over
+        this many ranks and this store holds one rank's share, ``num_kv_heads // tp_size`` heads.
+        ``"auto"``: the world size of the default torch.distributed process group (1 without one).
+        Everything else (block tables, prefix hashes, eviction) depends only on token ids, so the ranks
+        stay in step with no communication; byte budgets count this rank's pages only.
     """
 
     def __init__(
@@ -100,6 +129,7 @@ class KVStore:
         ttl_seconds: float | None = None,
         salt: str = "",
         clock: Callable[[], float] = time.monotonic,
+        tp_size: int | str | None = None,
     ):
         cfg = text_config(config) if config is not None else None
         if cfg is not None:
@@ -113,6 +143,13 @@ class KVStore:
         for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
+        self.tp_size = resolve_tp_size(tp_size)
+        if num_kv_heads % self.tp_size:
+            raise ValueError(f"tp_size={self.tp_size} does not divide the model's num_kv_heads={num_kv_heads}: "
+                             "each rank must hold whole KV heads")
+        #: The model's KV heads; ``num_kv_heads`` is this rank's share.
+        self.total_kv_heads = num_kv_heads
+        num_kv_heads //= self.tp_size
         model_windows = layer_windows(cfg, num_layers) if cfg is not None else [None] * num_layers
         windows = list(model_windows)
         _positive_int_or_none("recent_window", recent_window, 1)
