@@ -4,7 +4,8 @@
 # several may be given: "tests serve"). serve = the long-context (200k chunked prefill) and
 # shared-prompt benchmarks; sanitize (not part of all) = the CUDA tests under compute-sanitizer
 # memcheck, and racecheck/synccheck on the attention kernels; profile (not part of all) = torch
-# profiler table and Nsight Compute sections of the decode attention kernel (PROFILE_ARGS); build =
+# profiler table and Nsight Compute sections of the decode attention kernel (PROFILE_ARGS); tp (not
+# part of all) = tensor-parallel decode, 1 rank and then every GPU of the machine (TP_ARGS); build =
 # only build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,14 @@ fi
 if has serve; then
   python -m pagedkv.bench longctx ${LONGCTX_ARGS:-} --json "$OUT/longctx.json" 2>&1 | tee "$OUT/longctx.log" | tail -14
   python -m pagedkv.bench prefix --device cuda ${PREFIX_ARGS:-} --json "$OUT/prefix.json" 2>&1 | tee "$OUT/prefix.log" | tail -8
+fi
+if [[ $WHAT == *" tp "* ]]; then
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  NGPU=$(nvidia-smi -L | wc -l)
+  for n in $(echo 1 "$NGPU" | tr ' ' '\n' | sort -un); do
+    torchrun --standalone --nproc-per-node "$n" -m pagedkv.bench tp ${TP_ARGS:-} --json "$OUT/tp_$n.json" 2>&1 \
+      | tee "$OUT/tp_$n.log" | grep -v -i warn | tail -8
+  done
 fi
 if [[ $WHAT == *" profile "* ]]; then
   python scripts/profile_attention.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile_torch.log" | head -20
