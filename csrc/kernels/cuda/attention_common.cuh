@@ -126,7 +126,8 @@ __device__ __forceinline__ void load8f(const PageLayout& L, const uint8_t* head,
       code[i] = __uint_as_float(0x4b000000u | ci[i]) - 8388608.0f;
     }
     if constexpr (RL == Role::kKey) {
-      const int gi = static_cast<int>(static_cast<unsigned>(o) / static_cast<unsigned>(L.group));
+      // Fast paths only: the key group divides a power-of-two block size, so it is a power of two.
+      const int gi = o >> (__ffs(L.group) - 1);
       if constexpr (F == Format::kNF4) {
         const int64_t supers = L.block_size / L.group;
         const float s2 = h2f(*reinterpret_cast<const uint16_t*>(meta + 2 * gi));
@@ -146,15 +147,16 @@ __device__ __forceinline__ void load8f(const PageLayout& L, const uint8_t* head,
         }
       }
     } else {
-      const int g = L.group;
+      // The value group divides head_dim (64 / 128 / 256 on the fast paths): a power of two.
+      const int gs = __ffs(L.group) - 1;
       if constexpr (F == Format::kNF4) {
         const float s2 = h2f(*reinterpret_cast<const uint16_t*>(meta + 2 * o));
-        const uint8_t ac = meta[2 * L.block_size + static_cast<int64_t>(o) * (D / g) + c0 / g];
+        const uint8_t ac = meta[2 * L.block_size + ((o * D + c0) >> gs)];
         const float us = static_cast<float>(ac) * s2;
 #pragma unroll
         for (int i = 0; i < 8; ++i) x[i] = nf4[ci[i]] * us;
       } else {
-        const uint32_t w = *reinterpret_cast<const uint32_t*>(meta + 4 * (static_cast<int64_t>(o) * (D / g) + c0 / g));
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(meta + 4 * ((o * D + c0) >> gs));
         const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
 #pragma unroll
         for (int i = 0; i < 8; ++i) x[i] = code[i] * f.x + f.y;
