@@ -97,12 +97,12 @@ def _budgeted(model, budget: int | None, tp_size) -> tuple[str, int]:
 
 
 def _load_tp(path: str):
-    from transformers import DistributedConfig
     try:
-        return AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"),
-                                                    dtype=torch.float32)
-    except TypeError:  # transformers releases without distributed_config
+        from transformers import DistributedConfig
+    except ImportError:  # transformers releases with only the tp_plan argument
         return AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"),
+                                                dtype=torch.float32)
 
 
 def _worker(rank: int, path: str, port: int, result_path: str, budget: int) -> None:

@@ -181,13 +181,7 @@ __global__ void __launch_bounds__(kThreads, 4) attention_kernel(const __grid_con
   const int bs_shift = __ffs(p.k.L.block_size) - 1;
   const int col0 = static_cast<int>((skip + e0) >> bs_shift);
   const int ncols = len > 0 ? static_cast<int>((skip + e1 - 1) >> bs_shift) - col0 + 1 : 0;
-  for (int j = tid; j < ncols && j < kMaxSplitBlocks; j += kThreads) {
-    const int64_t col = col0 + j;
-    const int64_t blk = col < p.max_blocks ? p.table[static_cast<int64_t>(s) * p.max_blocks + col] : -1;
-    const bool ok = blk >= 0 && blk < p.k.id_space && blk < p.v.id_space;
-    k_heads[j] = ok ? p.k.chunk[blk / p.k.bpc] + (blk % p.k.bpc) * p.k.L.block_bytes + h * p.k.L.head_bytes : nullptr;
-    v_heads[j] = ok ? p.v.chunk[blk / p.v.bpc] + (blk % p.v.bpc) * p.v.L.block_bytes + h * p.v.L.head_bytes : nullptr;
-  }
+  split_heads(p, s, h, col0, ncols, k_heads, v_heads, tid, kThreads);
   __syncthreads();
   const int ie0 = static_cast<int>(e0), iplen = static_cast<int>(plen), iskip = static_cast<int>(skip);
   const int ilen = static_cast<int>(len);

@@ -186,6 +186,20 @@ __device__ __forceinline__ void load8(const PageLayout& L, const uint8_t* head, 
 #undef PKV_LOAD8
 }
 
+// The head regions of block-table columns [col0, col0 + ncols) of sequence s, head h (null: block id
+// outside the pages), written by the block's threads into shared arrays of kMaxSplitBlocks entries.
+__device__ __forceinline__ void split_heads(const KParams& p, int s, int h, int col0, int ncols,
+                                            const uint8_t** k_heads, const uint8_t** v_heads, int tid,
+                                            int nthreads) {
+  for (int j = tid; j < ncols && j < kMaxSplitBlocks; j += nthreads) {
+    const int64_t col = col0 + j;
+    const int64_t blk = col < p.max_blocks ? p.table[static_cast<int64_t>(s) * p.max_blocks + col] : -1;
+    const bool ok = blk >= 0 && blk < p.k.id_space && blk < p.v.id_space;
+    k_heads[j] = ok ? p.k.chunk[blk / p.k.bpc] + (blk % p.k.bpc) * p.k.L.block_bytes + h * p.k.L.head_bytes : nullptr;
+    v_heads[j] = ok ? p.v.chunk[blk / p.v.bpc] + (blk % p.v.bpc) * p.v.L.block_bytes + h * p.v.L.head_bytes : nullptr;
+  }
+}
+
 inline DevView make_dev_view(const PagedView& v) {
   DevView d;
   for (int64_t i = 0; i < v.num_chunks; ++i) d.chunk[i] = v.chunks[i];

@@ -78,27 +78,38 @@ constexpr int code_bytes_per_token(int D) {
          : F == Format::kInt8 || F == Format::kFP8E4M3 ? D : F == Format::kInt2 ? D / 4 : D / 2;
 }
 
-// One entry of the split: its page head region and token offset, or the dense tail.
+// One entry of the split: its page head region and token offset, or its row in the dense tail.
 struct Tok {
   const uint8_t* head;  // null: tail or absent
-  int off;
-  bool tail, ok;  // ok: in this warp's range and backed by storage
+  int off;              // token offset in the block, or tail row
+  bool tail, ok;        // ok: in this warp's range and backed by storage
 };
 
 struct Split {
-  const uint8_t* const* heads;  // per split column from col0 (null: block outside the pages)
+  const uint8_t* const* k_heads;  // per split column from col0 (null: block outside the pages)
+  const uint8_t* const* v_heads;
   int col0, bs_shift, bmask, iplen, iskip;
-  __device__ __forceinline__ Tok at(int e, int lim) const {
+  // Entry e's key (and, with v != nullptr, value) location: one lookup serves both, since a block
+  // exists for keys exactly when it does for values.
+  __device__ __forceinline__ Tok at(int e, int lim, Tok* v = nullptr) const {
     Tok t{nullptr, 0, false, false};
-    if (e >= lim) return t;
-    if (e >= iplen) {
-      t.tail = t.ok = true;
-      return t;
+    if (e < lim) {
+      if (e >= iplen) {
+        t.tail = t.ok = true;
+        t.off = e - iplen;
+      } else {
+        const int pos = iskip + e, col = (pos >> bs_shift) - col0;
+        t.off = pos & bmask;
+        t.head = k_heads[col];
+        t.ok = t.head != nullptr;
+        if (v != nullptr) {
+          *v = t;
+          v->head = v_heads[col];
+        }
+        return t;
+      }
     }
-    const int pos = iskip + e;
-    t.off = pos & bmask;
-    t.head = heads[(pos >> bs_shift) - col0];
-    t.ok = t.head != nullptr;
+    if (v != nullptr) *v = t;
     return t;
   }
 };
@@ -122,7 +133,7 @@ __device__ __forceinline__ void codes8(const uint8_t* row, int c0, float* x) {
 // Channels [c0, c0 + 8) of entry tk as floats in the form the feed wants (zero when absent).
 template <Format F, Role RL, typename T>
 __device__ __forceinline__ void entry8(const KParams& p, const PageLayout& L, const Tok& tk, const void* tail,
-                                       const int64_t* ts, int s, int h, int e, int c0, const float* nf4, float* x) {
+                                       const int64_t* ts, int s, int h, int c0, const float* nf4, float* x) {
   constexpr Feed FD = feed_of<F, T>();
   if (tk.ok && !tk.tail) {
     if constexpr (FD == Feed::kTokenScale) {
@@ -131,7 +142,7 @@ __device__ __forceinline__ void entry8(const KParams& p, const PageLayout& L, co
       load8f<F, RL>(L, tk.head, tk.off, c0, nf4, x);
     }
   } else if (tk.ok) {
-    load_tail(p, tail, ts, s, h, e - p.lens[s], c0, x);
+    load_tail(p, tail, ts, s, h, tk.off, c0, x);
   } else {
 #pragma unroll
     for (int i = 0; i < 8; ++i) x[i] = 0.0f;
@@ -216,17 +227,10 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
   const int bs_shift = __ffs(p.k.L.block_size) - 1;
   const int col0 = static_cast<int>((skip + e0) >> bs_shift);
   const int ncols = len > 0 ? static_cast<int>((skip + e1 - 1) >> bs_shift) - col0 + 1 : 0;
-  for (int j = tid; j < ncols && j < kMaxSplitBlocks; j += kThreads) {
-    const int64_t col = col0 + j;
-    const int64_t blk = col < p.max_blocks ? p.table[static_cast<int64_t>(s) * p.max_blocks + col] : -1;
-    const bool ok = blk >= 0 && blk < p.k.id_space && blk < p.v.id_space;
-    k_heads[j] = ok ? p.k.chunk[blk / p.k.bpc] + (blk % p.k.bpc) * p.k.L.block_bytes + h * p.k.L.head_bytes : nullptr;
-    v_heads[j] = ok ? p.v.chunk[blk / p.v.bpc] + (blk % p.v.bpc) * p.v.L.block_bytes + h * p.v.L.head_bytes : nullptr;
-  }
+  split_heads(p, s, h, col0, ncols, k_heads, v_heads, tid, kThreads);
   __syncthreads();
-  const Split ks{k_heads, col0, bs_shift, (1 << bs_shift) - 1, static_cast<int>(plen), static_cast<int>(skip)};
-  Split vs = ks;
-  vs.heads = v_heads;
+  const Split sp{k_heads, v_heads, col0, bs_shift, (1 << bs_shift) - 1, static_cast<int>(plen),
+                 static_cast<int>(skip)};
   const int lo0 = row_lo[g], hi0 = row_hi[g], lo1 = row_lo[g + 8], hi1 = row_hi[g + 8];
   // Each warp takes a contiguous run of 16-token steps.
   const int ie0 = static_cast<int>(e0), ilen = static_cast<int>(len);
@@ -245,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
     for (int t = 0; t < 2; ++t) {
       sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.0f;
       const int e = st + 8 * t + g;
-      const Tok tk = ks.at(e, lim);
+      const Tok tk = sp.at(e, lim);
       // Only the loads may differ between lanes: mma.sync must be issued by the whole warp together.
 #pragma unroll
       for (int j = 0; j < KCH; ++j) {
@@ -263,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
         }
         if (!done) {
           float x[8];
-          entry8<F, Role::kKey, T>(p, p.k.L, tk, p.kt, p.kts, s, h, e, c * (D / 4) + 8 * j, nf4, x);
+          entry8<F, Role::kKey, T>(p, p.k.L, tk, p.kt, p.kts, s, h, c * (D / 4) + 8 * j, nf4, x);
 #pragma unroll
           for (int i = 0; i < 4; ++i) b[i] = pack2<T>(x[2 * i], x[2 * i + 1]);
         }
@@ -276,10 +280,7 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
 #pragma unroll
     for (int t = 0; t < 2; ++t)
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        kc[t][i] = ks.at(st + 8 * t + 2 * c + i, lim);
-        vc[t][i] = vs.at(st + 8 * t + 2 * c + i, lim);
-      }
+      for (int i = 0; i < 2; ++i) kc[t][i] = sp.at(st + 8 * t + 2 * c + i, lim, &vc[t][i]);
     // Scale, cap, mask; online softmax per row (rows g and g + 8; the 4 lanes of a row share it).
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
@@ -348,7 +349,6 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
     for (int t = 0; t < 2; ++t) {
       const Tok& ta = vc[t][0];
       const Tok& tb = vc[t][1];
-      const int e = st + 8 * t + 2 * c;
 #pragma unroll
       for (int q = 0; q < VG; ++q) {
         const int c0 = 8 * (8 * q + g);
@@ -368,8 +368,8 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
         }
         if (!done) {
           float xa[8], xb[8];
-          entry8<F, Role::kValue, T>(p, p.v.L, ta, p.vt, p.vts, s, h, e, c0, nf4, xa);
-          entry8<F, Role::kValue, T>(p, p.v.L, tb, p.vt, p.vts, s, h, e + 1, c0, nf4, xb);
+          entry8<F, Role::kValue, T>(p, p.v.L, ta, p.vt, p.vts, s, h, c0, nf4, xa);
+          entry8<F, Role::kValue, T>(p, p.v.L, tb, p.vt, p.vts, s, h, c0, nf4, xb);
 #pragma unroll
           for (int i = 0; i < 8; ++i) vb[t][8 * q + i] = pack2<T>(xa[i], xb[i]);
         }
