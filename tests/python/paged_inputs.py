@@ -17,12 +17,12 @@ class PagedInputs:
 
     def __init__(self, lens: list[int], skips: list[int], kf: str, vf: str, num_kv_heads: int, head_dim: int,
                  block_size: int = 64, blocks_per_chunk: int = 7, device: str = "cpu", seed: int = 0,
-                 key_scale: float = 1.0):
+                 key_scale: float = 1.0, key_group: int | None = None, value_group: int | None = None):
         g = torch.Generator().manual_seed(seed)
         self.kf, self.vf = kf, vf
         self.H, self.D, self.bs, self.bpc = num_kv_heads, head_dim, block_size, blocks_per_chunk
-        self.kg = group_for(kf, KEY, head_dim, None, None, block_size)
-        self.vg = group_for(vf, VALUE, head_dim, None, None, block_size)
+        self.kg = group_for(kf, KEY, head_dim, key_group, value_group, block_size)
+        self.vg = group_for(vf, VALUE, head_dim, key_group, value_group, block_size)
         kl = layout(kf, KEY, num_kv_heads, head_dim, block_size, self.kg)
         vl = layout(vf, VALUE, num_kv_heads, head_dim, block_size, self.vg)
         need = [(sk + n + block_size - 1) // block_size for n, sk in zip(lens, skips)]

@@ -133,6 +133,33 @@ def test_half_precision_models(device, dtype, fmt, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+@pytest.mark.parametrize("groups", [(16, 8), (32, 64), (64, 32), (8, 16)])
+@pytest.mark.parametrize("d", [64, 128])
+def test_grouped_formats_any_groups_and_skips(device, dtype, fmt, groups, d):
+    """int4 / int2 with other key groups (tokens) and value groups (channels), sequences starting
+    mid-block (skip), a query chunk with a window: on CUDA this covers the folded-scale path of the
+    tensor-core kernel (key groups >= 16, value groups >= 8), its step alignment to positions that are
+    multiples of 16, and its fallback (key group 8)."""
+    kg, vg = groups
+    lens = [1, 63, 64, 9 * 64 + 7, 5 * 64 + 30]
+    skips = [0, 5, 16, 21, 57]
+    skips = [sk // kg * kg for sk in skips]  # grouped keys start on a key-group boundary
+    pi = PagedInputs(lens, skips, fmt, fmt, 2, d, block_size=64, device=device, seed=kg + vg, key_group=kg,
+                     value_group=min(vg, d))
+    for lq, window in ((1, 0), (3, 150)):
+        q = torch.randn(len(lens), 8, lq, d, device=device).to(dtype)
+        kt, vt = (torch.randn(len(lens), 2, lq + 5, d, device=device).to(dtype) for _ in range(2))
+        kw = dict(scale=d ** -0.5, window=window)
+        ref = reference(pi, q.float(), kt, vt, **kw)
+        for splits in (0, 3):
+            out = pi.attend(q, kt, vt, num_splits=splits, **kw)
+            assert out.dtype == dtype and not out.isnan().any()
+            _close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_query_and_tail(device):
     pi = PagedInputs([100, 40], [0, 0], "bf16", "bf16", 2, 64, block_size=16, device=device)
     q = torch.randn(2, 1, 8, 64, device=device).transpose(1, 2)  # [B, Hq, 1, D] with odd strides

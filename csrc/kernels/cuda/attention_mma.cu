@@ -60,7 +60,12 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint4& a, uint32_t b0, 
 // How a format reaches the mma. kPass: 16-bit pages in the model dtype, fed as stored. kTokenScale:
 // int8 / fp8 with one scale per token, fed as unscaled codes (exact in bf16 / fp16); the key scale
 // multiplies the score, the value scale the probability. kDequant: dequantized in fp32, rounded.
-enum class Feed { kPass, kTokenScale, kDequant };
+// kFold (int4 / int2 with key groups of >= 16 tokens and value groups of >= 8 channels): key codes go
+// to the mma as small integers, unpacked two at a time by bit operations; the key group's per-channel
+// scale is folded into the query (q' = q * scale, once per group) and its zero into a per-row bias;
+// values are dequantized two tokens at a time in fp16 (one subtract and one fused multiply-add per
+// pair) and P V runs in fp16 whatever the model dtype.
+enum class Feed { kPass, kTokenScale, kDequant, kFold };
 
 template <Format F, typename T>
 constexpr Feed feed_of() {
@@ -71,6 +76,46 @@ constexpr Feed feed_of() {
   else
     return Feed::kDequant;
 }
+
+// Integer codes as 16-bit floats: OR-ing a code c < 2^7 (bf16) / 2^10 (fp16) into the mantissa of
+// 128.0 / 1024.0 gives exactly 128 + c / 1024 + c.
+template <typename T>
+constexpr uint32_t kMagic2 = std::is_same_v<T, __nv_bfloat16> ? 0x43004300u : 0x64006400u;
+template <typename T>
+constexpr float kMagic = std::is_same_v<T, __nv_bfloat16> ? 128.0f : 1024.0f;
+
+template <typename T>
+__device__ __forceinline__ float round_t(float x) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(__float2bfloat16_rn(x));
+  else return __half2float(__float2half_rn(x));
+}
+
+// The 32 / BITS codes of one word as 16 / BITS pairs: r[i] = (code i, code i + 16 / BITS) + magic.
+template <int BITS, typename T>
+__device__ __forceinline__ void unpack_pairs(uint32_t w, uint32_t* r) {
+  constexpr uint32_t m = BITS == 4 ? 0x000f000fu : 0x00030003u;
+#pragma unroll
+  for (int i = 0; i < 16 / BITS; ++i) r[i] = ((w >> (BITS * i)) & m) | kMagic2<T>;
+}
+
+template <int N>
+__device__ __forceinline__ void load_words(const uint8_t* ptr, uint32_t* w) {
+  if constexpr (N == 4) {
+    const uint4 u = *reinterpret_cast<const uint4*>(ptr);
+    w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+  } else if constexpr (N == 2) {
+    const uint2 u = *reinterpret_cast<const uint2*>(ptr);
+    w[0] = u.x; w[1] = u.y;
+  } else if constexpr (N == 8) {
+    load_words<4>(ptr, w);
+    load_words<4>(ptr + 16, w + 4);
+  } else {
+    w[0] = *reinterpret_cast<const uint32_t*>(ptr);
+  }
+}
+
+__device__ __forceinline__ __half2 as_h2(uint32_t u) { return *reinterpret_cast<const __half2*>(&u); }
+__device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<const uint32_t*>(&h); }
 
 template <Format F>
 constexpr int code_bytes_per_token(int D) {
@@ -91,9 +136,9 @@ struct Split {
   int col0, bs_shift, bmask, iplen, iskip;
   // Entry e's key (and, with v != nullptr, value) location: one lookup serves both, since a block
   // exists for keys exactly when it does for values.
-  __device__ __forceinline__ Tok at(int e, int lim, Tok* v = nullptr) const {
+  __device__ __forceinline__ Tok at(int e, int lo, int lim, Tok* v = nullptr) const {
     Tok t{nullptr, 0, false, false};
-    if (e < lim) {
+    if (e >= lo && e < lim) {
       if (e >= iplen) {
         t.tail = t.ok = true;
         t.off = e - iplen;
@@ -131,10 +176,9 @@ __device__ __forceinline__ void codes8(const uint8_t* row, int c0, float* x) {
 }
 
 // Channels [c0, c0 + 8) of entry tk as floats in the form the feed wants (zero when absent).
-template <Format F, Role RL, typename T>
+template <Format F, Role RL, Feed FD>
 __device__ __forceinline__ void entry8(const KParams& p, const PageLayout& L, const Tok& tk, const void* tail,
                                        const int64_t* ts, int s, int h, int c0, const float* nf4, float* x) {
-  constexpr Feed FD = feed_of<F, T>();
   if (tk.ok && !tk.tail) {
     if constexpr (FD == Feed::kTokenScale) {
       codes8<F>(tk.head + tk.off * code_bytes_per_token<F>(L.head_dim), c0, x);
@@ -154,18 +198,25 @@ __device__ __forceinline__ float token_scale(const PageLayout& L, const Tok& tk)
   return tk.ok && !tk.tail ? *reinterpret_cast<const float*>(tk.head + L.code_bytes + 4 * tk.off) : 1.0f;
 }
 
-template <int D, Format F, typename T>
+template <int D, Format F, typename T, Feed FD>
 __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kernel(const __grid_constant__ KParams p) {
   constexpr int KS = D / 16;   // k-steps of Q K^T
   constexpr int NT = D / 8;    // n-tiles of P V
   constexpr int KCH = D / 32;  // 8-channel key chunks per lane: channels c D/4 + 8 j
   constexpr int VG = D / 64;   // 8-channel value chunks per lane and token: channels 8 (8 vg + g)
-  constexpr Feed FD = feed_of<F, T>();
   constexpr int CBT = code_bytes_per_token<F>(D);
+  // kFold: a lane's D/4 key channels arrive as NWK words of PW codes; a word feeds KPW k-steps.
+  constexpr int BITS = F == Format::kInt2 ? 2 : 4, PW = 32 / BITS, KPW = PW / 4, NWK = (D / 4) / PW;
+  constexpr int QS = D + 4;    // fp32 query row stride in shared memory (kFold)
+  using TV = std::conditional_t<FD == Feed::kFold, __half, T>;  // the P V mma's type
   extern __shared__ __align__(16) uint8_t smem[];
   uint4* sq = reinterpret_cast<uint4*>(smem);                 // [KS][32] query A fragments
   float* so = reinterpret_cast<float*>(smem + KS * 32 * 16);  // [kWarps][16][D] warp accumulators
   float* sml = so + kWarps * 16 * D;                          // [kWarps][16][2] warp (max, sum)
+  // kFold, during the loop only (they share the merge area): fp32 query rows and each warp's q'
+  // fragments (lane-private: a lane reads back only what it wrote).
+  float* sqf = so;                                                                  // [16][QS]
+  uint4* wq = reinterpret_cast<uint4*>(so + 16 * QS) + (threadIdx.x >> 5) * KS * 32;  // [KS][32]
   __shared__ float nf4[16];
   __shared__ int row_lo[16], row_hi[16];
   __shared__ const uint8_t* k_heads[kMaxSplitBlocks];
@@ -210,6 +261,17 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
     }
     sq[idx] = make_uint4(w[0], w[1], w[2], w[3]);
   }
+  if constexpr (FD == Feed::kFold) {
+    for (int idx = tid; idx < 16 * D; idx += kThreads) {
+      const int r = idx / D, d = idx % D, gr = rt * 16 + r;
+      float v = 0.0f;
+      if (gr < p.rows) {
+        const int t = gr / p.gqa, j = gr % p.gqa;
+        v = p.q[((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D + d];
+      }
+      sqf[r * QS + d] = v;
+    }
+  }
   __syncthreads();
   int lo_all = INT_MAX, hi_all = -1;
 #pragma unroll
@@ -232,55 +294,128 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
   const Split sp{k_heads, v_heads, col0, bs_shift, (1 << bs_shift) - 1, static_cast<int>(plen),
                  static_cast<int>(skip)};
   const int lo0 = row_lo[g], hi0 = row_hi[g], lo1 = row_lo[g + 8], hi1 = row_hi[g + 8];
-  // Each warp takes a contiguous run of 16-token steps.
-  const int ie0 = static_cast<int>(e0), ilen = static_cast<int>(len);
-  const int per_warp = (ilen + 16 * kWarps - 1) / (16 * kWarps) * 16;
-  const int w0 = ie0 + warp * per_warp, lim = min(w0 + per_warp, ie0 + ilen);
+  // Each warp takes a contiguous run of 16-token steps. kFold aligns the steps to positions that are
+  // multiples of 16, so a whole step lies in one block and one key group.
+  const int ie0 = static_cast<int>(e0), ie1 = ie0 + static_cast<int>(len), isk = static_cast<int>(skip);
+  const int a0 = FD == Feed::kFold && len > 0 ? ie0 - ((isk + ie0) & 15) : ie0;
+  const int per_warp = (ie1 - a0 + 16 * kWarps - 1) / (16 * kWarps) * 16;
+  const int w0 = a0 + warp * per_warp, lim = min(w0 + per_warp, ie1), wlo = max(w0, ie0);
+  const int kg_shift = __ffs(p.k.L.group) - 1, vg_shift = __ffs(p.v.L.group) - 1;
 
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
   float o[NT][4];
 #pragma unroll
   for (int t = 0; t < NT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
+  int cur_col = -1, cur_grp = -1;  // kFold: the (column, key group) whose q' the warp holds
+  float kb0 = 0.0f, kb1 = 0.0f;    // and its score bias for rows g and g + 8
 
   for (int st = w0; st < lim; st += kStep) {
-    // Scores of tokens st .. st + 15 (two n-tiles of 8); this lane reads the keys of token st + 8 t + g.
-    float sc[2][4];
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.0f;
-      const int e = st + 8 * t + g;
-      const Tok tk = sp.at(e, lim);
-      // Only the loads may differ between lanes: mma.sync must be issued by the whole warp together.
-#pragma unroll
-      for (int j = 0; j < KCH; ++j) {
-        uint32_t b[4];
-        bool done = false;
-        if constexpr (FD == Feed::kPass) {
-          if (tk.ok && !tk.tail) {
-            const uint4 w = *reinterpret_cast<const uint4*>(tk.head + tk.off * CBT + 2 * (c * (D / 4) + 8 * j));
-            b[0] = w.x;
-            b[1] = w.y;
-            b[2] = w.z;
-            b[3] = w.w;
-            done = true;
-          }
-        }
-        if (!done) {
-          float x[8];
-          entry8<F, Role::kKey, T>(p, p.k.L, tk, p.kt, p.kts, s, h, c * (D / 4) + 8 * j, nf4, x);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) b[i] = pack2<T>(x[2 * i], x[2 * i + 1]);
-        }
-        mma<T>(sc[t], sq[(2 * j) * 32 + lane], b[0], b[1]);
-        mma<T>(sc[t], sq[(2 * j + 1) * 32 + lane], b[2], b[3]);
+    // kFold fast step: all 16 entries in range and in one existing page block (warp-uniform).
+    const int pos0 = isk + st, scol = (pos0 >> bs_shift) - col0, off0 = pos0 & ((1 << bs_shift) - 1);
+    const uint8_t* kh = nullptr;
+    const uint8_t* vh = nullptr;
+    bool fast = false;
+    if constexpr (FD == Feed::kFold) {
+      if (st >= wlo && st + kStep <= lim && st + kStep <= plen) {
+        kh = k_heads[scol];
+        vh = v_heads[scol];
+        fast = kh != nullptr && vh != nullptr;
       }
     }
-    // The lane's score columns: tokens st + 8 t + 2 c + i, which are also its value tokens.
-    Tok kc[2][2], vc[2][2];
+    // Scores of tokens st .. st + 15 (two n-tiles of 8); this lane reads the keys of token st + 8 t + g.
+    float sc[2][4];
+    Tok kc[2][2], vc[2][2];  // generic steps: the lane's score-column tokens (also its value tokens)
+    if (fast) {
+      if constexpr (FD == Feed::kFold) {
+        const int grp = off0 >> kg_shift;
+        if (scol != cur_col || grp != cur_grp) {
+          // q' = q * scale for the lane's channels, in the unpacked order: k-step kk = KPW jw + u
+          // takes channel pairs (x, x + PW / 2) and (x + 1, x + 1 + PW / 2), x = PW jw + 2 u. The bias
+          // is q . zero minus the magic offset's share, magic * sum(q').
+          const uint32_t* sz = reinterpret_cast<const uint32_t*>(kh + p.k.L.code_bytes) + grp * D + c * (D / 4);
+          const float* q0 = sqf + g * QS + c * (D / 4);
+          const float* q1 = q0 + 8 * QS;
+          float b0 = 0.0f, b1 = 0.0f;
 #pragma unroll
-    for (int t = 0; t < 2; ++t)
+          for (int kk = 0; kk < KS; ++kk) {
+            const int x = PW * (kk / KPW) + 2 * (kk % KPW);
+            const int ch[4] = {x, x + PW / 2, x + 1, x + 1 + PW / 2};
+            float r0[4], r1[4];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) kc[t][i] = sp.at(st + 8 * t + 2 * c + i, lim, &vc[t][i]);
+            for (int sl = 0; sl < 4; ++sl) {
+              const float2 f = __half22float2(as_h2(sz[ch[sl]]));  // (scale, zero)
+              const float qa = q0[ch[sl]], qb = q1[ch[sl]];
+              r0[sl] = round_t<T>(qa * f.x);
+              r1[sl] = round_t<T>(qb * f.x);
+              b0 += qa * f.y - kMagic<T> * r0[sl];
+              b1 += qb * f.y - kMagic<T> * r1[sl];
+            }
+            wq[kk * 32 + lane] = make_uint4(pack2<T>(r0[0], r0[1]), pack2<T>(r1[0], r1[1]), pack2<T>(r0[2], r0[3]),
+                                            pack2<T>(r1[2], r1[3]));
+          }
+#pragma unroll
+          for (int d = 1; d <= 2; d <<= 1) {
+            b0 += __shfl_xor_sync(0xffffffffu, b0, d);
+            b1 += __shfl_xor_sync(0xffffffffu, b1, d);
+          }
+          kb0 = b0;
+          kb1 = b1;
+          cur_col = scol;
+          cur_grp = grp;
+        }
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.0f;
+          uint32_t w[NWK];
+          load_words<NWK>(kh + (off0 + 8 * t + g) * CBT + c * (D / 4) * BITS / 8, w);
+#pragma unroll
+          for (int jw = 0; jw < NWK; ++jw) {
+            uint32_t r[PW / 2];
+            unpack_pairs<BITS, T>(w[jw], r);
+#pragma unroll
+            for (int u = 0; u < KPW; ++u) mma<T>(sc[t], wq[(KPW * jw + u) * 32 + lane], r[2 * u], r[2 * u + 1]);
+          }
+          sc[t][0] += kb0;
+          sc[t][1] += kb0;
+          sc[t][2] += kb1;
+          sc[t][3] += kb1;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.0f;
+        const Tok tk = sp.at(st + 8 * t + g, wlo, lim);
+        // Only the loads may differ between lanes: mma.sync must be issued by the whole warp together.
+#pragma unroll
+        for (int j = 0; j < KCH; ++j) {
+          uint32_t b[4];
+          bool done = false;
+          if constexpr (FD == Feed::kPass) {
+            if (tk.ok && !tk.tail) {
+              const uint4 w = *reinterpret_cast<const uint4*>(tk.head + tk.off * CBT + 2 * (c * (D / 4) + 8 * j));
+              b[0] = w.x;
+              b[1] = w.y;
+              b[2] = w.z;
+              b[3] = w.w;
+              done = true;
+            }
+          }
+          if (!done) {
+            float x[8];
+            entry8<F, Role::kKey, FD>(p, p.k.L, tk, p.kt, p.kts, s, h, c * (D / 4) + 8 * j, nf4, x);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) b[i] = pack2<T>(x[2 * i], x[2 * i + 1]);
+          }
+          mma<T>(sc[t], sq[(2 * j) * 32 + lane], b[0], b[1]);
+          mma<T>(sc[t], sq[(2 * j + 1) * 32 + lane], b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) kc[t][i] = sp.at(st + 8 * t + 2 * c + i, wlo, lim, &vc[t][i]);
+    }
     // Scale, cap, mask; online softmax per row (rows g and g + 8; the 4 lanes of a row share it).
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
@@ -288,7 +423,7 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int e = st + 8 * t + 2 * c + i;
-        const bool ok = kc[t][i].ok && (mask == nullptr || e >= mask_n || mask[e] != 0);
+        const bool ok = (fast || kc[t][i].ok) && (mask == nullptr || e >= mask_n || mask[e] != 0);
         float f = p.scale;
         if constexpr (FD == Feed::kTokenScale) f *= token_scale(p.k.L, kc[t][i]);
         float v0 = sc[t][i] * f, v1 = sc[t][2 + i] * f;
@@ -308,7 +443,7 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, d));
     }
     const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-    const float a0 = m0 == -INFINITY ? 0.0f : __expf(m0 - n0), a1 = m1 == -INFINITY ? 0.0f : __expf(m1 - n1);
+    const float a0s = m0 == -INFINITY ? 0.0f : __expf(m0 - n0), a1s = m1 == -INFINITY ? 0.0f : __expf(m1 - n1);
     m0 = n0;
     m1 = n1;
     float pr[2][4];
@@ -320,16 +455,16 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
         pr[t][2 + i] = n1 == -INFINITY ? 0.0f : __expf(sc[t][2 + i] - n1);
       }
     }
-    l0 = l0 * a0 + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
-    l1 = l1 * a1 + (pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3]);
+    l0 = l0 * a0s + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
+    l1 = l1 * a1s + (pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3]);
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      o[t][0] *= a0;
-      o[t][1] *= a0;
-      o[t][2] *= a1;
-      o[t][3] *= a1;
+      o[t][0] *= a0s;
+      o[t][1] *= a0s;
+      o[t][2] *= a1s;
+      o[t][3] *= a1s;
     }
-    // Probabilities as the A fragment, rounded to the model dtype (times the value scale for
+    // Probabilities as the A fragment, rounded to the P V type (times the value scale for
     // kTokenScale: P diag(s) codes = P V).
     float pv[2][4];
 #pragma unroll
@@ -341,43 +476,78 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
         pv[t][i] = pr[t][i] * f;
         pv[t][2 + i] = pr[t][2 + i] * f;
       }
-    const uint4 pa = make_uint4(pack2<T>(pv[0][0], pv[0][1]), pack2<T>(pv[0][2], pv[0][3]),
-                                pack2<T>(pv[1][0], pv[1][1]), pack2<T>(pv[1][2], pv[1][3]));
+    const uint4 pa = make_uint4(pack2<TV>(pv[0][0], pv[0][1]), pack2<TV>(pv[0][2], pv[0][3]),
+                                pack2<TV>(pv[1][0], pv[1][1]), pack2<TV>(pv[1][2], pv[1][3]));
     // Values of tokens 2c, 2c + 1 (b0) and 2c + 8, 2c + 9 (b1), output column g of every n-tile.
     uint32_t vb[2][NT];
+    if (fast) {
+      if constexpr (FD == Feed::kFold) {
+        // Two tokens at once: byte_perm puts token a's codes in the low half and b's in the high half
+        // of one word, so each unpacked pair is (a, b) of one channel, the B-fragment order.
+        const uint32_t* mz = reinterpret_cast<const uint32_t*>(vh + p.v.L.code_bytes);
+        const __half2 magic = as_h2(0x64006400u);
 #pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      const Tok& ta = vc[t][0];
-      const Tok& tb = vc[t][1];
+        for (int t = 0; t < 2; ++t) {
+          const int oa = off0 + 8 * t + 2 * c;
+          const uint8_t* ra = vh + oa * CBT;
 #pragma unroll
-      for (int q = 0; q < VG; ++q) {
-        const int c0 = 8 * (8 * q + g);
-        bool done = false;
-        if constexpr (FD == Feed::kPass) {
-          if (ta.ok && !ta.tail && tb.ok && !tb.tail) {
-            const uint4 ua = *reinterpret_cast<const uint4*>(ta.head + ta.off * CBT + 2 * c0);
-            const uint4 ub = *reinterpret_cast<const uint4*>(tb.head + tb.off * CBT + 2 * c0);
-            const uint32_t wa[4] = {ua.x, ua.y, ua.z, ua.w}, wb[4] = {ub.x, ub.y, ub.z, ub.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              vb[t][8 * q + 2 * i] = __byte_perm(wa[i], wb[i], 0x5410);
-              vb[t][8 * q + 2 * i + 1] = __byte_perm(wa[i], wb[i], 0x7632);
+          for (int q = 0; q < VG; ++q) {
+            const int c0 = 8 * (8 * q + g);
+            const uint32_t ma = mz[(oa * D + c0) >> vg_shift], mb = mz[((oa + 1) * D + c0) >> vg_shift];
+            const __half2 sc2 = as_h2(__byte_perm(ma, mb, 0x5410)), zr2 = as_h2(__byte_perm(ma, mb, 0x7632));
+            uint32_t r[8];
+            if constexpr (BITS == 4) {
+              const uint32_t wa = *reinterpret_cast<const uint32_t*>(ra + c0 / 2);
+              const uint32_t wb = *reinterpret_cast<const uint32_t*>(ra + CBT + c0 / 2);
+              unpack_pairs<4, __half>(__byte_perm(wa, wb, 0x5410), r);      // channels 0..3
+              unpack_pairs<4, __half>(__byte_perm(wa, wb, 0x7632), r + 4);  // channels 4..7
+              // unpack_pairs pairs nibbles (i, i + 4) of a word: here the halves' nibbles i.
+            } else {
+              const uint32_t wa = *reinterpret_cast<const uint16_t*>(ra + c0 / 4);
+              const uint32_t wb = *reinterpret_cast<const uint16_t*>(ra + CBT + c0 / 4);
+              unpack_pairs<2, __half>(wa | (wb << 16), r);
             }
-            done = true;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) vb[t][8 * q + i] = h2_bits(__hfma2(__hsub2(as_h2(r[i]), magic), sc2, zr2));
           }
         }
-        if (!done) {
-          float xa[8], xb[8];
-          entry8<F, Role::kValue, T>(p, p.v.L, ta, p.vt, p.vts, s, h, c0, nf4, xa);
-          entry8<F, Role::kValue, T>(p, p.v.L, tb, p.vt, p.vts, s, h, c0, nf4, xb);
+      }
+    } else {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) vb[t][8 * q + i] = pack2<T>(xa[i], xb[i]);
+      for (int t = 0; t < 2; ++t) {
+        const Tok& ta = vc[t][0];
+        const Tok& tb = vc[t][1];
+#pragma unroll
+        for (int q = 0; q < VG; ++q) {
+          const int c0 = 8 * (8 * q + g);
+          bool done = false;
+          if constexpr (FD == Feed::kPass) {
+            if (ta.ok && !ta.tail && tb.ok && !tb.tail) {
+              const uint4 ua = *reinterpret_cast<const uint4*>(ta.head + ta.off * CBT + 2 * c0);
+              const uint4 ub = *reinterpret_cast<const uint4*>(tb.head + tb.off * CBT + 2 * c0);
+              const uint32_t wa[4] = {ua.x, ua.y, ua.z, ua.w}, wb[4] = {ub.x, ub.y, ub.z, ub.w};
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                vb[t][8 * q + 2 * i] = __byte_perm(wa[i], wb[i], 0x5410);
+                vb[t][8 * q + 2 * i + 1] = __byte_perm(wa[i], wb[i], 0x7632);
+              }
+              done = true;
+            }
+          }
+          if (!done) {
+            float xa[8], xb[8];
+            entry8<F, Role::kValue, FD>(p, p.v.L, ta, p.vt, p.vts, s, h, c0, nf4, xa);
+            entry8<F, Role::kValue, FD>(p, p.v.L, tb, p.vt, p.vts, s, h, c0, nf4, xb);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) vb[t][8 * q + i] = pack2<TV>(xa[i], xb[i]);
+          }
         }
       }
     }
 #pragma unroll
-    for (int t = 0; t < NT; ++t) mma<T>(o[t], pa, vb[0][t], vb[1][t]);
+    for (int t = 0; t < NT; ++t) mma<TV>(o[t], pa, vb[0][t], vb[1][t]);
   }
+  if constexpr (FD == Feed::kFold) __syncthreads();  // the merge area held the query rows and q'
 
   // Merge the warps: full row sums, then each warp's state to shared memory.
 #pragma unroll
@@ -428,25 +598,35 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
   }
 }
 
-template <int D, Format F, typename T>
+template <int D, Format F, typename T, Feed FD>
 cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
+  // kFold's query rows and q' fragments fit in the merge area they share.
+  static_assert(16 * (D + 4) + kWarps * (D / 16) * 32 * 4 <= kWarps * 16 * (D + 2));
   const size_t smem = (D / 16) * 32 * 16 + sizeof(float) * kWarps * 16 * (D + 2);
-  PKV_CUDA_TRY(cudaFuncSetAttribute(attention_mma_kernel<D, F, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  PKV_CUDA_TRY(cudaFuncSetAttribute(attention_mma_kernel<D, F, T, FD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)));
-  attention_mma_kernel<D, F, T><<<grid, kThreads, smem, stream>>>(k);
+  attention_mma_kernel<D, F, T, FD><<<grid, kThreads, smem, stream>>>(k);
   return cudaGetLastError();
+}
+
+// int4 / int2 take kFold when a 16-token step stays in one key group and an 8-channel piece in one
+// value group (groups are powers of two on the fast paths).
+template <int D, Format F, typename T>
+cudaError_t launch_grouped(const KParams& k, dim3 grid, cudaStream_t stream) {
+  if (k.k.L.group >= 16 && k.v.L.group >= 8) return launch<D, F, T, Feed::kFold>(k, grid, stream);
+  return launch<D, F, T, Feed::kDequant>(k, grid, stream);
 }
 
 template <int D, typename T>
 cudaError_t launch_format(const KParams& k, dim3 grid, cudaStream_t stream) {
   switch (k.k.L.format) {
-    case Format::kBF16: return launch<D, Format::kBF16, T>(k, grid, stream);
-    case Format::kFP16: return launch<D, Format::kFP16, T>(k, grid, stream);
-    case Format::kFP8E4M3: return launch<D, Format::kFP8E4M3, T>(k, grid, stream);
-    case Format::kInt8: return launch<D, Format::kInt8, T>(k, grid, stream);
-    case Format::kInt4: return launch<D, Format::kInt4, T>(k, grid, stream);
-    case Format::kInt2: return launch<D, Format::kInt2, T>(k, grid, stream);
-    case Format::kNF4: return launch<D, Format::kNF4, T>(k, grid, stream);
+    case Format::kBF16: return launch<D, Format::kBF16, T, feed_of<Format::kBF16, T>()>(k, grid, stream);
+    case Format::kFP16: return launch<D, Format::kFP16, T, feed_of<Format::kFP16, T>()>(k, grid, stream);
+    case Format::kFP8E4M3: return launch<D, Format::kFP8E4M3, T, Feed::kTokenScale>(k, grid, stream);
+    case Format::kInt8: return launch<D, Format::kInt8, T, Feed::kTokenScale>(k, grid, stream);
+    case Format::kInt4: return launch_grouped<D, Format::kInt4, T>(k, grid, stream);
+    case Format::kInt2: return launch_grouped<D, Format::kInt2, T>(k, grid, stream);
+    case Format::kNF4: return launch<D, Format::kNF4, T, Feed::kDequant>(k, grid, stream);
     default: return cudaErrorInvalidValue;
   }
 }
