@@ -13,7 +13,10 @@
 // O = P V: the lane holds tokens 2c, 2c+1, 2c+8, 2c+9 of the step and output column g of every
 // n-tile; n-tile t column g is channel 8 (8 (t / 8) + g) + t % 8, so 8 lanes read 64 consecutive
 // channels. Codes are dequantized in registers (fp32, then rounded to the model dtype, exactly as
-// the reference rounds dequantized pages), packed in pairs and fed to the mma.
+// the reference rounds dequantized pages), packed in pairs and fed to the mma; int4 / int2 instead
+// take the folded-scale path (Feed::kFold below), which reorders each lane's key channels to the
+// order in which bit operations unpack them (pairs i, i + 4 of a word of nibbles) and fetches a
+// step's value words before its scores and the next step's key words one step ahead.
 #include <cfloat>
 #include <climits>
 #include <type_traits>
@@ -198,6 +201,9 @@ __device__ __forceinline__ float token_scale(const PageLayout& L, const Tok& tk)
   return tk.ok && !tk.tail ? *reinterpret_cast<const float*>(tk.head + L.code_bytes + 4 * tk.off) : 1.0f;
 }
 
+// Three blocks per SM (two for head_dim 256): the kFold kernels spill a few registers at that bound,
+// and were measured slower at two blocks per SM without spills (H100, int4 / int2, 32k: 499 against
+// 421 us).
 template <int D, Format F, typename T, Feed FD>
 __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kernel(const __grid_constant__ KParams p) {
   constexpr int KS = D / 16;   // k-steps of Q K^T
@@ -309,18 +315,57 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
   int cur_col = -1, cur_grp = -1;  // kFold: the (column, key group) whose q' the warp holds
   float kb0 = 0.0f, kb1 = 0.0f;    // and its score bias for rows g and g + 8
 
+  // kFold fast step: all 16 entries in the warp's range and in one existing page block (warp-uniform).
+  auto fast_step = [&](int st) -> bool {
+    if (FD != Feed::kFold || st < wlo || st + kStep > lim || st + kStep > plen) return false;
+    const int col = ((isk + st) >> bs_shift) - col0;
+    return k_heads[col] != nullptr && v_heads[col] != nullptr;
+  };
+  // Its key words (the lane's D / 4 channels of tokens st + g and st + 8 + g), loaded one step ahead.
+  auto load_keys = [&](int st, uint32_t (&kw)[2][NWK]) {
+    const int pos = isk + st;
+    const uint8_t* kh = k_heads[(pos >> bs_shift) - col0] + (pos & ((1 << bs_shift) - 1)) * CBT;
+#pragma unroll
+    for (int t = 0; t < 2; ++t) load_words<NWK>(kh + (8 * t + g) * CBT + c * (D / 4) * BITS / 8, kw[t]);
+  };
+  uint32_t kw_next[2][NWK];
+  bool fast_next = fast_step(w0);
+  if (fast_next) load_keys(w0, kw_next);
+
   for (int st = w0; st < lim; st += kStep) {
-    // kFold fast step: all 16 entries in range and in one existing page block (warp-uniform).
+    const bool fast = fast_next;
+    uint32_t kw[2][NWK];
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int i = 0; i < NWK; ++i) kw[t][i] = kw_next[t][i];
     const int pos0 = isk + st, scol = (pos0 >> bs_shift) - col0, off0 = pos0 & ((1 << bs_shift) - 1);
-    const uint8_t* kh = nullptr;
-    const uint8_t* vh = nullptr;
-    bool fast = false;
+    const uint8_t* kh = fast ? k_heads[scol] : nullptr;
+    const uint8_t* vh = fast ? v_heads[scol] : nullptr;
+    // This step's value codes and (scale, zero) words, issued before the scores are computed: tokens
+    // 2c, 2c + 1 (+ 8 t), channels 8 (8 q + g) .. + 7.
+    uint32_t vw[2][VG][2], vm[2][VG][2];
     if constexpr (FD == Feed::kFold) {
-      if (st >= wlo && st + kStep <= lim && st + kStep <= plen) {
-        kh = k_heads[scol];
-        vh = v_heads[scol];
-        fast = kh != nullptr && vh != nullptr;
+      if (fast) {
+        const uint32_t* mz = reinterpret_cast<const uint32_t*>(vh + p.v.L.code_bytes);
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          const int oa = off0 + 8 * t + 2 * c;
+#pragma unroll
+          for (int q = 0; q < VG; ++q) {
+            const int c0 = 8 * (8 * q + g);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const uint8_t* row = vh + (oa + i) * CBT;
+              vw[t][q][i] = BITS == 4 ? *reinterpret_cast<const uint32_t*>(row + c0 / 2)
+                                      : static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(row + c0 / 4));
+              vm[t][q][i] = mz[((oa + i) * D + c0) >> vg_shift];
+            }
+          }
+        }
       }
+      fast_next = fast_step(st + kStep);
+      if (fast_next) load_keys(st + kStep, kw_next);
     }
     // Scores of tokens st .. st + 15 (two n-tiles of 8); this lane reads the keys of token st + 8 t + g.
     float sc[2][4];
@@ -366,12 +411,10 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
 #pragma unroll
         for (int t = 0; t < 2; ++t) {
           sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.0f;
-          uint32_t w[NWK];
-          load_words<NWK>(kh + (off0 + 8 * t + g) * CBT + c * (D / 4) * BITS / 8, w);
 #pragma unroll
           for (int jw = 0; jw < NWK; ++jw) {
             uint32_t r[PW / 2];
-            unpack_pairs<BITS, T>(w[jw], r);
+            unpack_pairs<BITS, T>(kw[t][jw], r);
 #pragma unroll
             for (int u = 0; u < KPW; ++u) mma<T>(sc[t], wq[(KPW * jw + u) * 32 + lane], r[2 * u], r[2 * u + 1]);
           }
@@ -457,12 +500,14 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
     }
     l0 = l0 * a0s + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
     l1 = l1 * a1s + (pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3]);
+    if (a0s != 1.0f || a1s != 1.0f) {  // the running maxima rarely move late in a long sequence
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      o[t][0] *= a0s;
-      o[t][1] *= a0s;
-      o[t][2] *= a1s;
-      o[t][3] *= a1s;
+      for (int t = 0; t < NT; ++t) {
+        o[t][0] *= a0s;
+        o[t][1] *= a0s;
+        o[t][2] *= a1s;
+        o[t][3] *= a1s;
+      }
     }
     // Probabilities as the A fragment, rounded to the P V type (times the value scale for
     // kTokenScale: P diag(s) codes = P V).
@@ -484,27 +529,19 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
       if constexpr (FD == Feed::kFold) {
         // Two tokens at once: byte_perm puts token a's codes in the low half and b's in the high half
         // of one word, so each unpacked pair is (a, b) of one channel, the B-fragment order.
-        const uint32_t* mz = reinterpret_cast<const uint32_t*>(vh + p.v.L.code_bytes);
         const __half2 magic = as_h2(0x64006400u);
 #pragma unroll
         for (int t = 0; t < 2; ++t) {
-          const int oa = off0 + 8 * t + 2 * c;
-          const uint8_t* ra = vh + oa * CBT;
 #pragma unroll
           for (int q = 0; q < VG; ++q) {
-            const int c0 = 8 * (8 * q + g);
-            const uint32_t ma = mz[(oa * D + c0) >> vg_shift], mb = mz[((oa + 1) * D + c0) >> vg_shift];
+            const uint32_t ma = vm[t][q][0], mb = vm[t][q][1], wa = vw[t][q][0], wb = vw[t][q][1];
             const __half2 sc2 = as_h2(__byte_perm(ma, mb, 0x5410)), zr2 = as_h2(__byte_perm(ma, mb, 0x7632));
             uint32_t r[8];
             if constexpr (BITS == 4) {
-              const uint32_t wa = *reinterpret_cast<const uint32_t*>(ra + c0 / 2);
-              const uint32_t wb = *reinterpret_cast<const uint32_t*>(ra + CBT + c0 / 2);
+              // unpack_pairs pairs nibbles i and i + 4 of a word: here nibble i of each half.
               unpack_pairs<4, __half>(__byte_perm(wa, wb, 0x5410), r);      // channels 0..3
               unpack_pairs<4, __half>(__byte_perm(wa, wb, 0x7632), r + 4);  // channels 4..7
-              // unpack_pairs pairs nibbles (i, i + 4) of a word: here the halves' nibbles i.
             } else {
-              const uint32_t wa = *reinterpret_cast<const uint16_t*>(ra + c0 / 4);
-              const uint32_t wb = *reinterpret_cast<const uint16_t*>(ra + CBT + c0 / 4);
               unpack_pairs<2, __half>(wa | (wb << 16), r);
             }
 #pragma unroll
@@ -603,8 +640,8 @@ cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
   // kFold's query rows and q' fragments fit in the merge area they share.
   static_assert(16 * (D + 4) + kWarps * (D / 16) * 32 * 4 <= kWarps * 16 * (D + 2));
   const size_t smem = (D / 16) * 32 * 16 + sizeof(float) * kWarps * 16 * (D + 2);
-  PKV_CUDA_TRY(cudaFuncSetAttribute(attention_mma_kernel<D, F, T, FD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)));
+  PKV_CUDA_TRY(cudaFuncSetAttribute(attention_mma_kernel<D, F, T, FD>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   attention_mma_kernel<D, F, T, FD><<<grid, kThreads, smem, stream>>>(k);
   return cudaGetLastError();
 }
