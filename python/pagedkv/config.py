@@ -21,8 +21,10 @@ KEY, VALUE = 0, 1
 GROUPED = frozenset({"int4", "int2", "nf4"})
 #: Default key group (tokens) and value group (channels). Chosen so int4 stays <= 0.30x bf16 and
 #: int2 <= 0.18x with every scale and zero point counted (see ``python -m pagedkv.bench memory``).
-DEFAULT_KEY_GROUP = 64
-DEFAULT_VALUE_GROUP = {"int4": 64, "int2": 32, "nf4": 64}
+#: int2 spends its metadata on the keys (32-token key groups, 64-channel value groups): the same bits
+#: per element as 64 / 32 for head_dim >= 64, and measured better (benchmarks/RESULTS.md, "int2 probe").
+DEFAULT_KEY_GROUP = {"int4": 64, "int2": 32, "nf4": 64}
+DEFAULT_VALUE_GROUP = {"int4": 64, "int2": 64, "nf4": 64}
 #: Newest tokens kept in full precision when any layer uses a grouped format.
 DEFAULT_RESIDUAL_LENGTH = 128
 
@@ -95,7 +97,7 @@ def group_for(fmt: str, role: int, head_dim: int, key_group: int | None, value_g
     if fmt not in GROUPED:
         return 1
     if role == KEY:
-        return key_group if key_group is not None else min(DEFAULT_KEY_GROUP, block_size)
+        return key_group if key_group is not None else min(DEFAULT_KEY_GROUP[fmt], block_size)
     return value_group if value_group is not None else min(DEFAULT_VALUE_GROUP[fmt], head_dim)
 
 
