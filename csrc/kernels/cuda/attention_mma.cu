@@ -376,7 +376,8 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
         if (scol != cur_col || grp != cur_grp) {
           // q' = q * scale for the lane's channels, in the unpacked order: k-step kk = KPW jw + u
           // takes channel pairs (x, x + PW / 2) and (x + 1, x + 1 + PW / 2), x = PW jw + 2 u. The bias
-          // is q . zero minus the magic offset's share, magic * sum(q').
+          // is q . zero minus the magic offset's share, magic * sum(q'). (fp16 models: q' overflows only
+          // where q times one quantization step does, i.e. where the model's own fp16 q . k would.)
           const uint32_t* sz = reinterpret_cast<const uint32_t*>(kh + p.k.L.code_bytes) + grp * D + c * (D / 4);
           const float* q0 = sqf + g * QS + c * (D / 4);
           const float* q1 = q0 + 8 * QS;
