@@ -338,19 +338,26 @@ class PagedKVCache(Cache):
             if shown:
                 out_k = torch.cat([self._rotate(layer.sink_keys[:, :, :shown], visible - shown), out_k], dim=2)
                 out_v = torch.cat([layer.sink_values[:, :, :shown], out_v], dim=2)
-        flush = target - old_paged
+        self._page_out(group, layer_idx, tail_k, tail_v, target, new_tokens)
+        layer.is_initialized = True
+        return out_k, out_v
+
+    def _page_out(self, group: PagedGroup, layer_idx: int, tail_k: torch.Tensor, tail_v: torch.Tensor,
+                  target: int, num_tokens: int) -> None:
+        """Write the layer's full-precision positions ``[num_paged, target)`` (the first rows of
+        ``tail_k/v``, which hold positions ``[num_paged, num_tokens)``) into pages; the rest of the tail
+        becomes the residual window."""
+        layer = self.layers[layer_idx]
+        flush = target - layer.num_paged
         if flush > 0:
-            group.write(layer_idx, old_paged, tail_k[:, :, :flush], tail_v[:, :, :flush])
-        rest = new_tokens - target
-        if rest > 0:
+            group.write(layer_idx, layer.num_paged, tail_k[:, :, :flush], tail_v[:, :, :flush])
+        if num_tokens > target:
             # Copy: a view would pin the whole (possibly prompt-sized) tail in memory.
             layer.residual_keys = tail_k[:, :, flush:].clone() if flush > 0 else tail_k
             layer.residual_values = tail_v[:, :, flush:].clone() if flush > 0 else tail_v
         else:
             layer.residual_keys = layer.residual_values = None
-        layer.num_tokens, layer.num_paged = new_tokens, target
-        layer.is_initialized = True
-        return out_k, out_v
+        layer.num_tokens, layer.num_paged = num_tokens, target
 
     def _rotate(self, keys: torch.Tensor, shift: int) -> torch.Tensor:
         """Keys rotated (RoPE, rotate-half convention) by ``shift`` more positions."""
@@ -675,12 +682,7 @@ class PagedKVCache(Cache):
             g.advance(target, self._device)  # BudgetExhaustedError: nothing changed
             for i in g.layer_ids:
                 layer = self.layers[i]
-                n = target - layer.num_paged
-                g.write(i, layer.num_paged, layer.residual_keys[:, :, :n], layer.residual_values[:, :, :n])
-                rest = layer.num_tokens - target
-                layer.residual_keys = layer.residual_keys[:, :, n:].clone() if rest else None
-                layer.residual_values = layer.residual_values[:, :, n:].clone() if rest else None
-                layer.num_paged = target
+                self._page_out(g, i, layer.residual_keys, layer.residual_values, target, layer.num_tokens)
 
     def prepare(self, input_ids: Any) -> int:
         """Make this cache hold the longest reusable prefix of ``input_ids`` before running the model on the

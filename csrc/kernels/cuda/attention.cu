@@ -151,10 +151,8 @@ __global__ void __launch_bounds__(kThreads, 4) attention_kernel(const __grid_con
   for (int r = 0; r < R; ++r) {
     const int gr = rt * R + r;
     if (gr < p.rows) {
-      const int t = gr / p.gqa, j = gr % p.gqa;
-      hi[r] = n - p.Lq + t;
-      lo[r] = p.window > 0 ? max(hi[r] - p.window + 1, static_cast<int64_t>(0)) : 0;
-      const float* qp = p.q + ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D + c0;
+      row_window(p, n, gr, lo[r], hi[r]);
+      const float* qp = query_row(p, s, h, gr, D) + c0;
       const float4 a = *reinterpret_cast<const float4*>(qp), b = *reinterpret_cast<const float4*>(qp + 4);
       const float qq[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
@@ -168,8 +166,8 @@ __global__ void __launch_bounds__(kThreads, 4) attention_kernel(const __grid_con
       for (int c = 0; c < kC; ++c) q[r][c] = 0.0f;
     }
   }
-  const int64_t e0 = max(static_cast<int64_t>(split) * S, row_lo);
-  const int64_t e1 = min(min((static_cast<int64_t>(split) + 1) * S, n), row_hi + 1);
+  int64_t e0, e1;
+  split_range(p, split, n, row_lo, row_hi, e0, e1);
   const int64_t len = max(e1 - e0, static_cast<int64_t>(0));
   const uint8_t* mask = p.mask ? p.mask + s * p.mask_stride + p.mask_offset : nullptr;
   const int mask_n = static_cast<int>(min(p.mask_len - p.mask_offset, static_cast<int64_t>(1) << 30));  // entries past the mask are not masked
@@ -319,12 +317,10 @@ __global__ void attention_generic_kernel(const __grid_constant__ KParams p) {
   const int s = static_cast<int>(w / (static_cast<int64_t>(p.num_splits) * p.rows * p.H));
   const int D = p.k.L.head_dim;
   const int64_t plen = p.lens[s], skip = p.skip ? p.skip[s] : 0, n = plen + p.tail_len;
-  const int t = gr / p.gqa, j = gr % p.gqa;
-  const int64_t hi = n - p.Lq + t;
-  const int64_t lo = p.window > 0 ? max(hi - p.window + 1, static_cast<int64_t>(0)) : 0;
-  const int64_t e0 = max(static_cast<int64_t>(split) * p.split_tokens, lo);
-  const int64_t e1 = min(min((static_cast<int64_t>(split) + 1) * p.split_tokens, n), hi + 1);
-  const float* q = p.q + ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D;
+  int64_t lo, hi, e0, e1;
+  row_window(p, n, gr, lo, hi);
+  split_range(p, split, n, lo, hi, e0, e1);
+  const float* q = query_row(p, s, h, gr, D);
   float acc[256], kx[256];
   for (int d = 0; d < D; ++d) acc[d] = 0.0f;
   float m = -INFINITY, l = 0.0f;

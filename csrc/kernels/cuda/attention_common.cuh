@@ -66,6 +66,26 @@ __device__ __forceinline__ float load_scalar(const void* base, DType dt, int64_t
   }
 }
 
+// Query row gr (query token gr / gqa of head h * gqa + gr % gqa) of sequence s: D fp32 values.
+__device__ __forceinline__ const float* query_row(const KParams& p, int s, int h, int gr, int D) {
+  const int t = gr / p.gqa, j = gr % p.gqa;
+  return p.q + ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D;
+}
+
+// Entries [lo, hi] query row gr may attend in a sequence of n entries: causal inside the query
+// chunk (its token t sits at entry n - Lq + t), limited to the window when there is one.
+__device__ __forceinline__ void row_window(const KParams& p, int64_t n, int gr, int64_t& lo, int64_t& hi) {
+  hi = n - p.Lq + gr / p.gqa;
+  lo = p.window > 0 ? max(hi - p.window + 1, static_cast<int64_t>(0)) : 0;
+}
+
+// Split `split`'s entries, [e0, e1), clipped to the rows' union [lo, hi]; e1 <= e0 when empty.
+__device__ __forceinline__ void split_range(const KParams& p, int split, int64_t n, int64_t lo, int64_t hi,
+                                            int64_t& e0, int64_t& e1) {
+  e0 = max(static_cast<int64_t>(split) * p.split_tokens, lo);
+  e1 = min(min((static_cast<int64_t>(split) + 1) * p.split_tokens, n), hi + 1);
+}
+
 // Loads channels [c0, c0 + 8) of tail token t (the dense full-precision part) of sequence s, head h.
 __device__ __forceinline__ void load_tail(const KParams& p, const void* tail, const int64_t* ts, int s, int h, int t,
                                           int c0, float* x) {

@@ -240,9 +240,10 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
     const int gr = rt * 16 + tid;
     int lo = INT_MAX, hi = -1;
     if (gr < p.rows) {
-      const int64_t h64 = n - p.Lq + gr / p.gqa;
-      hi = static_cast<int>(h64);
-      lo = p.window > 0 ? static_cast<int>(max(h64 - p.window + 1, static_cast<int64_t>(0))) : 0;
+      int64_t lo64, hi64;
+      row_window(p, n, gr, lo64, hi64);
+      lo = static_cast<int>(lo64);
+      hi = static_cast<int>(hi64);
     }
     row_lo[tid] = lo;
     row_hi[tid] = hi;
@@ -257,11 +258,7 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
     for (int half = 0; half < 2; ++half) {
       const int gr = rt * 16 + r + 8 * half;
       float4 q = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (gr < p.rows) {
-        const int t = gr / p.gqa, j = gr % p.gqa;
-        q = *reinterpret_cast<const float4*>(p.q + ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D +
-                                             d0);
-      }
+      if (gr < p.rows) q = *reinterpret_cast<const float4*>(query_row(p, s, h, gr, D) + d0);
       w[half] = pack2<T>(q.x, q.y);
       w[2 + half] = pack2<T>(q.z, q.w);
     }
@@ -270,12 +267,7 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
   if constexpr (FD == Feed::kFold) {
     for (int idx = tid; idx < 16 * D; idx += kThreads) {
       const int r = idx / D, d = idx % D, gr = rt * 16 + r;
-      float v = 0.0f;
-      if (gr < p.rows) {
-        const int t = gr / p.gqa, j = gr % p.gqa;
-        v = p.q[((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D + d];
-      }
-      sqf[r * QS + d] = v;
+      sqf[r * QS + d] = gr < p.rows ? query_row(p, s, h, gr, D)[d] : 0.0f;
     }
   }
   __syncthreads();
@@ -285,9 +277,8 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
     lo_all = min(lo_all, row_lo[r]);
     hi_all = max(hi_all, row_hi[r]);
   }
-  const int64_t S = p.split_tokens;
-  const int64_t e0 = max(static_cast<int64_t>(split) * S, static_cast<int64_t>(lo_all));
-  const int64_t e1 = min(min((static_cast<int64_t>(split) + 1) * S, n), static_cast<int64_t>(hi_all) + 1);
+  int64_t e0, e1;
+  split_range(p, split, n, lo_all, hi_all, e0, e1);
   const int64_t len = max(e1 - e0, static_cast<int64_t>(0));
   const uint8_t* mask = p.mask ? p.mask + s * p.mask_stride + p.mask_offset : nullptr;
   const int mask_n = static_cast<int>(min(p.mask_len - p.mask_offset, static_cast<int64_t>(1) << 30));
