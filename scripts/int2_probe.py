@@ -12,6 +12,9 @@ candidate changes:
              (undone after; attention is unchanged by an orthogonal rotation of V)
   k2l=L      two-level key metadata: per (64-token block, channel) a range, per key group its min and
              max as codes on an L-step grid of that range (L=15: 4-bit codes)
+  klev/vlev=A  2-bit levels at 0, A, 1000 - A, 1000 (per mille) of the group range instead of thirds
+  vsym       symmetric 2-bit values (one scale per group, no zero point: 0.25 bit less at 64 channels)
+  skipl=L     leave layer L unquantized (per-layer sensitivity)
   kbits/vbits  other code widths for keys / values (8 = near lossless, to split the error)
 
 Usage: python scripts/int2_probe.py --context 2048 --tokens 8192 --variant base "" \\
@@ -32,7 +35,7 @@ from transformers import DynamicCache
 from pagedkv.eval import common as eval_common
 from pagedkv.eval import ppl as eval_ppl
 
-DEFAULTS = dict(R=128, kg=64, vg=32, kbits=2, vbits=2, sinks=0, sinkx=0, vrot=False, k2l=0)
+DEFAULTS = dict(R=128, kg=64, vg=32, kbits=2, vbits=2, sinks=0, sinkx=0, vrot=False, k2l=0, klev=0, vlev=0, vsym=False, skipl=-1)
 
 
 def hadamard(n: int, seed: int = 1234) -> torch.Tensor:
@@ -43,9 +46,15 @@ def hadamard(n: int, seed: int = 1234) -> torch.Tensor:
     return h / math.sqrt(n) * sign[:, None]
 
 
-def asym(x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
+def asym(x: torch.Tensor, dim: int, bits: int, lev: int = 0) -> torch.Tensor:
     qmax = 2 ** bits - 1
     mn, mx = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    if lev and bits == 2:  # 4 levels at 0, a, 1 - a, 1 of the range (a = lev / 1000)
+        a = lev / 1000
+        levels = torch.tensor([0.0, a, 1 - a, 1.0])
+        r = (mx - mn).clamp(min=1e-8)
+        u = ((x - mn) / r).unsqueeze(-1)
+        return levels[(u - levels).abs().argmin(-1)] * r + mn
     s = ((mx - mn) / qmax).clamp(min=1e-8)
     return torch.round((x - mn) / s).clamp(0, qmax) * s + mn
 
@@ -76,12 +85,17 @@ def fake_quantize(k: torch.Tensor, v: torch.Tensor, cfg: dict) -> tuple[torch.Te
     if cfg["k2l"]:
         kq = two_level_keys(kq, cfg["kg"], cfg["k2l"])
     else:
-        kq = asym(kq.reshape(B, H, q // cfg["kg"], cfg["kg"], D), 3, cfg["kbits"]).reshape(B, H, q, D)
+        kq = asym(kq.reshape(B, H, q // cfg["kg"], cfg["kg"], D), 3, cfg["kbits"], cfg["klev"]).reshape(B, H, q, D)
     rot = hadamard(D) if cfg["vrot"] else None
     if rot is not None:
         vq = vq @ rot
     vg = min(cfg["vg"], D)
-    vq = asym(vq.reshape(B, H, q, D // vg, vg), 4, cfg["vbits"]).reshape(B, H, q, D)
+    if cfg["vsym"]:  # symmetric 2-bit: levels (-1.5, -0.5, 0.5, 1.5) * absmax / 1.5, one scale per group
+        g = vq.reshape(B, H, q, D // vg, vg)
+        s = (g.abs().amax(4, keepdim=True) / 1.5).clamp(min=1e-8)
+        vq = ((torch.floor(g / s).clamp(-2, 1) + 0.5) * s).reshape(B, H, q, D)
+    else:
+        vq = asym(vq.reshape(B, H, q, D // vg, vg), 4, cfg["vbits"], cfg["vlev"]).reshape(B, H, q, D)
     if rot is not None:
         vq = vq @ rot.T
     keep = max(cfg["sinks"], cfg["sinkx"])
@@ -95,6 +109,8 @@ class ProbeCache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == self.cfg["skipl"]:
+            return k, v
         return fake_quantize(k, v, self.cfg)
 
 

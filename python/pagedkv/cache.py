@@ -38,7 +38,7 @@ class PagedLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, cache: "PagedKVCache", layer_idx: int, sliding_window: int | None, window: int | None,
-                 sinks: int):
+                 sinks: int, exact: int, rotated: bool):
         super().__init__()
         self._cache = cache
         self.layer_idx = layer_idx
@@ -47,7 +47,10 @@ class PagedLayer(CacheLayerMixin):
         # Positions a query sees: the model's window, or the cache's recent_window on full layers.
         self.window = window
         self.sinks = sinks  # attention-sink positions kept beside the window (full layers, recent_window)
-        self.sink_keys: torch.Tensor | None = None  # [batch, num_kv_heads, <= sinks, head_dim], as stored
+        self.exact = exact  # leading positions whose pages are overridden by exact copies (grouped keys)
+        self.rotated = rotated  # values are stored rotated (KVStore.rotation)
+        # The first max(sinks, exact) positions in full precision: [batch, num_kv_heads, n, head_dim], as stored.
+        self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
         self.num_tokens = 0  # positions seen (the sequence length)
         self.num_paged = 0   # positions [0, num_paged) are in pages; the rest in the residual
@@ -127,6 +130,15 @@ class PagedKVCache(Cache):
     key_group_size, value_group_size:
         Quantization groups of grouped formats: tokens per key group (default ``min(64, block_size)``),
         channels per value group (default 64 for int4/nf4, 32 for int2, capped at ``head_dim``).
+    exact_prefix:
+        Attention sinks: the first ``exact_prefix`` positions (default 1 with grouped key formats) are
+        also kept in full precision and left out of their key group's range; the fused and the dense
+        path read them exact. With left padding the first positions of a padded row are padding, so
+        that row's first real token is quantized as usual.
+    value_rotation:
+        Store the values of layers with grouped value formats (int4/int2/nf4) under a fixed randomized
+        Hadamard rotation along head_dim (default on); outputs are rotated back, so attention is
+        unchanged up to rounding and the quantization error of the values drops.
     max_memory_bytes, max_blocks:
         Budget of the paged storage: total bytes over all layers, and blocks per attention group. An
         ``update`` that would exceed it raises :class:`pagedkv.BudgetExhaustedError` and changes nothing.
@@ -195,7 +207,8 @@ class PagedKVCache(Cache):
         self.sink_tokens = sink_tokens
         self.rotary = rotary
         self._token_ids: torch.Tensor | None = None
-        layers = [PagedLayer(self, i, mw, w, sink_tokens if mw is None and w is not None else 0)
+        layers = [PagedLayer(self, i, mw, w, sink_tokens if mw is None and w is not None else 0,
+                             store.exact_layers[i], store.rotated_layers[i])
                   for i, (mw, w) in enumerate(zip(store.model_windows, store.windows))]
         super().__init__(layers=layers)
         self._build_groups()
@@ -294,6 +307,8 @@ class PagedKVCache(Cache):
         self._check_states(key_states, value_states)
         layer = self.layers[layer_idx]
         group = self._group_of[layer_idx]
+        if layer.rotated:
+            value_states = self._rotate_values(value_states, False)
         if self._batch_size is None:
             self.store.bind(key_states.device, key_states.dtype)  # raises before anything changes
             for g in self._groups:
@@ -310,8 +325,9 @@ class PagedKVCache(Cache):
             if group.storage.index is not None:
                 self.store.now()  # the time eviction (inside advance) compares against
             group.advance(target, device)  # BudgetExhaustedError: this layer is unchanged
-        if layer.sinks and old_tokens < layer.sinks:
-            take = min(layer.sinks - old_tokens, key_states.shape[2])
+        keep_first = max(layer.sinks, layer.exact)
+        if old_tokens < keep_first:
+            take = min(keep_first - old_tokens, key_states.shape[2])
             sk, sv = key_states[:, :, :take].clone(), value_states[:, :, :take].clone()
             if layer.sink_keys is not None:
                 sk, sv = torch.cat([layer.sink_keys, sk], dim=2), torch.cat([layer.sink_values, sv], dim=2)
@@ -338,6 +354,8 @@ class PagedKVCache(Cache):
             if shown:
                 out_k = torch.cat([self._rotate(layer.sink_keys[:, :, :shown], visible - shown), out_k], dim=2)
                 out_v = torch.cat([layer.sink_values[:, :, :shown], out_v], dim=2)
+            if layer.rotated:
+                out_v = self._rotate_values(out_v, True)
         self._page_out(group, layer_idx, tail_k, tail_v, target, new_tokens)
         layer.is_initialized = True
         return out_k, out_v
@@ -350,7 +368,14 @@ class PagedKVCache(Cache):
         layer = self.layers[layer_idx]
         flush = target - layer.num_paged
         if flush > 0:
-            group.write(layer_idx, layer.num_paged, tail_k[:, :, :flush], tail_v[:, :, :flush])
+            keys = tail_k[:, :, :flush]
+            lead = layer.exact - layer.num_paged
+            if lead > 0:
+                # The exact positions' codes are never read; give them a neighbour's keys so that the
+                # sink does not stretch its key group's range.
+                keys = keys.clone()
+                keys[:, :, :lead] = keys[:, :, lead:lead + 1]
+            group.write(layer_idx, layer.num_paged, keys, tail_v[:, :, :flush])
         if num_tokens > target:
             # Copy: a view would pin the whole (possibly prompt-sized) tail in memory.
             layer.residual_keys = tail_k[:, :, flush:].clone() if flush > 0 else tail_k
@@ -374,12 +399,28 @@ class PagedKVCache(Cache):
         rotated = rot * cos + torch.cat([-rot[..., half:], rot[..., :half]], dim=-1) * sin
         return torch.cat([rotated, rest], dim=-1).to(keys.dtype)
 
+    def _rotate_values(self, values: torch.Tensor, back: bool) -> torch.Tensor:
+        """Values into (``back=False``) or out of the rotated basis they are stored in."""
+        r = self.store.rotation(values.device)
+        return (values.float() @ (r.T if back else r)).to(values.dtype)
+
+    def _read(self, layer_idx: int, begin: int, end: int, dtype: torch.dtype, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``[begin, end)`` of a layer's pages dequantized, exact leading positions restored."""
+        pk, pv = self._group_of[layer_idx].read(layer_idx, begin, end, dtype, device)
+        layer = self.layers[layer_idx]
+        lead = min(layer.exact, end) - begin
+        if lead > 0:
+            pk[:, :, :lead] = layer.sink_keys[:, :, begin:begin + lead]
+            pv[:, :, :lead] = layer.sink_values[:, :, begin:begin + lead]
+        return pk, pv
+
     def _dense(self, layer_idx: int, begin: int, end: int, tail_k: torch.Tensor, tail_v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages ``[begin, end)`` of a layer dequantized, then the full-precision tail."""
         if begin >= end:
             return tail_k, tail_v
-        pk, pv = self._group_of[layer_idx].read(layer_idx, begin, end, tail_k.dtype, tail_k.device)
+        pk, pv = self._read(layer_idx, begin, end, tail_k.dtype, tail_k.device)
         return torch.cat([pk, tail_k], dim=2), torch.cat([pv, tail_v], dim=2)
 
     def _pending_step(self, layer_idx: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
@@ -392,7 +433,8 @@ class PagedKVCache(Cache):
         """Dense K/V of the pending fused step of a layer (the dense path of the "pagedkv" attention)."""
         pending = self._pending_step(layer_idx)
         self.layers[layer_idx]._pending = None
-        return self._dense(layer_idx, *pending)
+        k, v = self._dense(layer_idx, *pending)
+        return k, self._rotate_values(v, True) if self.layers[layer_idx].rotated else v
 
     def _attend(self, layer_idx: int, query: torch.Tensor, padding: torch.Tensor | None, scaling: float | None,
                 softcap: float, max_query: int) -> torch.Tensor | None:
@@ -406,16 +448,29 @@ class PagedKVCache(Cache):
         layer._pending = None
         group = self._group_of[layer_idx]
         pages = self._pages[layer_idx]
-        table, lens, skip = group.attention_index(begin, end, query.device)
         if padding is not None:
             padding = padding.to(query.device)
+        lead = min(layer.exact, end) - begin
+        if lead > 0:
+            # Exact leading positions join the dense tail (the op's causal mask covers only the last
+            # q_len entries, and full layers have no window); the mask follows the new entry order.
+            if padding is not None:
+                padding = torch.cat([padding[:, begin + lead:end], padding[:, begin:begin + lead], padding[:, end:]], 1)
+            tk = torch.cat([layer.sink_keys[:, :, begin:begin + lead], tk], dim=2)
+            tv = torch.cat([layer.sink_values[:, :, begin:begin + lead], tv], dim=2)
+            begin += lead
+            mask_offset = 0
+        else:
+            mask_offset = begin
+        table, lens, skip = group.attention_index(begin, end, query.device)
         f = pages.fmt
-        return ops.paged_attention(
+        out = ops.paged_attention(
             query, pages.k_chunks, pages.v_chunks, table, lens, skip=skip, k_tail=tk, v_tail=tv, kv_mask=padding,
-            mask_offset=begin, k_format=FORMATS[f.key], v_format=FORMATS[f.value], k_group=pages.key_group,
+            mask_offset=mask_offset, k_format=FORMATS[f.key], v_format=FORMATS[f.value], k_group=pages.key_group,
             v_group=pages.value_group, block_size=self.block_size, blocks_per_chunk=group.blocks_per_chunk,
             num_kv_heads=self.num_kv_heads, scale=scaling if scaling is not None else self.head_dim ** -0.5,
             softcap=softcap, window=layer.window or 0)
+        return self._rotate_values(out, True) if layer.rotated else out
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if not isinstance(layer_idx, int) or layer_idx < 0:
@@ -531,7 +586,8 @@ class PagedKVCache(Cache):
                 else:
                     # Tokens [new_q, new_len) move back from pages to the residual window (dequantized).
                     if new_len > new_q:
-                        layer.residual_keys, layer.residual_values = g.read(i, new_q, new_len, self._dtype, self._device)
+                        layer.residual_keys, layer.residual_values = self._read(i, new_q, new_len, self._dtype,
+                                                                                self._device)
                     else:
                         layer.residual_keys = layer.residual_values = None
                     layer.num_paged = new_q
@@ -633,6 +689,11 @@ class PagedKVCache(Cache):
             layer.num_tokens = layer.num_paged = tokens
             layer.residual_keys = layer.residual_values = None
             layer.is_initialized = True
+            if layer.exact:
+                gi = self.store.group_of[layer.layer_idx]
+                rows_kv = [self.store.exact_rows[(gi, int(m[0]))][layer.layer_idx] for m in matches[gi]]
+                layer.sink_keys = torch.stack([k for k, _ in rows_kv])
+                layer.sink_values = torch.stack([v for _, v in rows_kv])
         self._acquire(len(rows), self.store.device, self.store.dtype)
         self._token_ids = torch.as_tensor(np.stack(rows)[:, :tokens], dtype=torch.long)
         return tokens
@@ -666,10 +727,16 @@ class PagedKVCache(Cache):
         t = self.store.now()
         salt = self.store.hash_salt()
         added = 0
-        for g in self._groups:
+        for gi, g in enumerate(self._groups):
             paged = min(g.num_paged, len(rows[0]))  # a prefix of what the cache holds may be given
-            for row, seq in zip(rows, g.seqs):
-                added += g.storage.index.insert(row[:paged], list(g.tables.blocks(seq)), salt, t, priority, bool(pin))
+            exact = [i for i in g.layer_ids if self.layers[i].exact]
+            for r, (row, seq) in enumerate(zip(rows, g.seqs)):
+                blocks = list(g.tables.blocks(seq))
+                added += g.storage.index.insert(row[:paged], blocks, salt, t, priority, bool(pin))
+                if exact and paged >= self.block_size:
+                    # The first block's exact leading positions travel with it (attach_prefix restores them).
+                    self.store.exact_rows[(gi, blocks[0])] = {
+                        i: (self.layers[i].sink_keys[r].clone(), self.layers[i].sink_values[r].clone()) for i in exact}
         return added
 
     def _flush_residual(self) -> None:
@@ -765,6 +832,8 @@ class PagedKVCache(Cache):
         for layer in self.layers:
             if layer.residual_keys is not None:
                 residual += layer.residual_keys.nbytes + layer.residual_values.nbytes
+            if layer.sink_keys is not None:  # exact leading positions, streaming sinks
+                residual += layer.sink_keys.nbytes + layer.sink_values.nbytes
             kept = layer.num_tokens if not layer.window else min(layer.num_tokens, layer.window - 1) + layer.sinks
             dense += 2 * 2 * (self._batch_size or 0) * self.num_kv_heads * self.head_dim * kept
         tokens = (self._batch_size or 0) * self.get_seq_length()

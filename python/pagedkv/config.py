@@ -7,6 +7,7 @@ The exact byte layouts are defined in ``csrc/include/pagedkv/formats.h``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 from pagedkv import _C
@@ -98,7 +99,8 @@ def group_for(fmt: str, role: int, head_dim: int, key_group: int | None, value_g
         return 1
     if role == KEY:
         return key_group if key_group is not None else min(DEFAULT_KEY_GROUP[fmt], block_size)
-    return value_group if value_group is not None else min(DEFAULT_VALUE_GROUP[fmt], head_dim)
+    # The largest power-of-two divisor of head_dim up to the default (head_dim 80 -> 16, 96 -> 32).
+    return value_group if value_group is not None else math.gcd(DEFAULT_VALUE_GROUP[fmt], head_dim)
 
 
 def layout(fmt: str, role: int, num_kv_heads: int, head_dim: int, block_size: int, group: int) -> dict:

@@ -97,6 +97,16 @@ class KVStore:
         Mixed into every block hash, e.g. the model id; the dtype of the stored states is always mixed in.
     clock:
         Time source in seconds for TTL (default ``time.monotonic``); tests inject one.
+    exact_prefix:
+        Attention sinks: the first ``exact_prefix`` positions of each sequence are also kept in full
+        precision on layers with grouped keys (int4/int2/nf4) and no window, and left out of their key
+        group's range (a sink's keys are outliers that would stretch its group's grid). Default 1 when
+        any layer has grouped keys. Must be smaller than the key group.
+    value_rotation:
+        Rotate the values of layers with grouped value formats by a fixed randomized Hadamard matrix
+        along head_dim before storing them (spreads channel outliers over the group; no calibration),
+        and rotate attention outputs back. Exact up to rounding: attention is linear in the values.
+        Default: on for grouped value formats.
     tp_size:
         Tensor parallelism: the model's KV heads (``num_kv_heads`` or the config's) are split evenly over
         this many ranks and this store holds one rank's share, ``num_kv_heads // tp_size`` heads.
@@ -130,6 +140,8 @@ class KVStore:
         salt: str = "",
         clock: Callable[[], float] = time.monotonic,
         tp_size: int | str | None = None,
+        exact_prefix: int | None = None,
+        value_rotation: bool | None = None,
     ):
         cfg = text_config(config) if config is not None else None
         if cfg is not None:
@@ -197,6 +209,20 @@ class KVStore:
         key_group = group_for("int4", KEY, head_dim, key_group_size, None, block_size) if grouped_keys else 1
         #: Positions leave the residual window in whole key groups.
         self.flush_quantum = key_group
+        if exact_prefix is None:
+            exact_prefix = 1 if grouped_keys else 0
+        if isinstance(exact_prefix, bool) or not isinstance(exact_prefix, int) or not 0 <= exact_prefix < key_group:
+            raise ValueError(f"exact_prefix must be an int in [0, {key_group}) (below the key group), got {exact_prefix!r}")
+        if value_rotation is not None and not isinstance(value_rotation, bool):
+            raise TypeError(f"value_rotation must be a bool or None, got {value_rotation!r}")
+        self.exact_prefix = exact_prefix
+        #: Per layer: leading positions kept exact (grouped keys, full attention), and whether values rotate.
+        self.exact_layers = [exact_prefix if f.key in GROUPED and w is None else 0 for f, w in zip(formats, windows)]
+        self.rotated_layers = [value_rotation is not False and f.value in GROUPED for f in formats]
+        self._rotation: dict[torch.device, torch.Tensor] = {}
+        #: Exact leading rows of cached prefixes: (group, first block id) -> per layer (keys, values)
+        #: [num_kv_heads, exact_prefix, head_dim] (prefix caching with exact_prefix).
+        self.exact_rows: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pages = {
             i: LayerPages(
                 f, num_kv_heads, head_dim, block_size,
@@ -232,6 +258,7 @@ class KVStore:
                 self.group_of[i] = len(self.groups)
             self.groups.append(g)
         self.device = self.dtype = None
+        self.exact_rows = {}
         self._counters = dict(requests=0, hit_blocks=0, miss_blocks=0, hit_tokens=0, bytes_saved=0)
 
     def bind(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -251,12 +278,28 @@ class KVStore:
             p.release()
         self._build()
 
+    def rotation(self, device: torch.device) -> torch.Tensor:
+        """The fp32 ``[head_dim, head_dim]`` orthogonal matrix values are stored under (``v @ R``):
+        randomized Hadamard blocks along head_dim (the largest power of two dividing it), fixed seed."""
+        r = self._rotation.get(device)
+        if r is None:
+            n = self.head_dim & -self.head_dim
+            h = torch.ones(1, 1)
+            while h.shape[0] < n:
+                h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+            gen = torch.Generator().manual_seed(0x9E3779B9)
+            signs = torch.randint(0, 2, (self.head_dim,), generator=gen).float() * 2 - 1
+            r = torch.block_diag(*([h / n ** 0.5] * (self.head_dim // n))) * signs[:, None]
+            r = self._rotation[device] = r.to(device)
+        return r
+
     # ------------------------------------------------------------------------------------------
     # prefix caching
     # ------------------------------------------------------------------------------------------
     def hash_salt(self) -> int:
         """Salt of every block hash: the user's salt, the formats, groups and the stored dtype."""
-        parts = [self.salt, str(self.dtype), str(self.block_size), str(self.flush_quantum)]
+        parts = [self.salt, str(self.dtype), str(self.block_size), str(self.flush_quantum), str(self.exact_prefix),
+                 str(self.rotated_layers)]
         parts += [f"{p.fmt.key}/{p.fmt.value}/{p.key_group}/{p.value_group}" for p in self.pages.values()]
         return int.from_bytes(hashlib.blake2b("|".join(parts).encode(), digest_size=8).digest(), "little")
 
