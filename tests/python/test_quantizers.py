@@ -113,7 +113,8 @@ def test_grid_values_round_trip_through_the_cache_kernels(fmt):
     states = x.permute(1, 0, 2)[None].contiguous()  # [1, heads, tokens, dim]
     for role in (KEY, VALUE):
         assert torch.equal(fake_quantize(x, fmt, role, _group(fmt)), x), (fmt, role)
-    cache = pagedkv.PagedKVCache(None, fmt, num_layers=1, num_kv_heads=2, head_dim=128, residual_length=0)
+    cache = pagedkv.PagedKVCache(None, fmt, num_layers=1, num_kv_heads=2, head_dim=128, residual_length=0,
+                                 value_rotation=False, exact_prefix=0)  # the stored grid, as given
     k, v = cache.update(states, states, 0)
     assert cache.layers[0].num_paged == 128  # everything went through the pages
     k, v = cache._group_of[0].read(0, 0, 128, torch.float32, torch.device("cpu"))

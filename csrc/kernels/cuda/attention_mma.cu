@@ -62,7 +62,11 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint4& a, uint32_t b0, 
 
 // How a format reaches the mma. kPass: 16-bit pages in the model dtype, fed as stored. kTokenScale:
 // int8 / fp8 with one scale per token, fed as unscaled codes (exact in bf16 / fp16); the key scale
-// multiplies the score, the value scale the probability. kDequant: dequantized in fp32, rounded.
+// multiplies the score, the value scale the probability; both mmas run in fp16 (every int8 code and
+// every e4m3 value is exact in fp16), and whole 16-token steps inside one block take a fast step that
+// converts four codes per word with byte permutes (int8, biased by 1152 like the magic below; the
+// keys' bias is one per-row score offset) or the two-at-a-time e4m3 -> fp16 instruction. kDequant:
+// dequantized in fp32, rounded.
 // kFold (int4 / int2 with key groups of >= 16 tokens and value groups of >= 8 channels): key codes go
 // to the mma as small integers, unpacked two at a time by bit operations; the key group's per-channel
 // scale is folded into the query (q' = q * scale, once per group) and its zero into a per-row bias;
@@ -109,9 +113,9 @@ __device__ __forceinline__ void load_words(const uint8_t* ptr, uint32_t* w) {
   } else if constexpr (N == 2) {
     const uint2 u = *reinterpret_cast<const uint2*>(ptr);
     w[0] = u.x; w[1] = u.y;
-  } else if constexpr (N == 8) {
-    load_words<4>(ptr, w);
-    load_words<4>(ptr + 16, w + 4);
+  } else if constexpr (N == 8 || N == 16) {
+    load_words<N / 2>(ptr, w);
+    load_words<N / 2>(ptr + 2 * N, w + N / 2);
   } else {
     w[0] = *reinterpret_cast<const uint32_t*>(ptr);
   }
@@ -119,6 +123,46 @@ __device__ __forceinline__ void load_words(const uint8_t* ptr, uint32_t* w) {
 
 __device__ __forceinline__ __half2 as_h2(uint32_t u) { return *reinterpret_cast<const __half2*>(&u); }
 __device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<const uint32_t*>(&h); }
+
+// Two e4m3 codes (low byte first) as an fp16 pair, in one instruction on sm_89+.
+__device__ __forceinline__ uint32_t fp8x2_bits(uint32_t pair) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+
+// kTokenScale's fast step: the word of four codes of channels 4 j .. 4 j + 3 of one token as the two
+// fp16 pairs of a B fragment. int8: each byte + 128 lands in the mantissa of 1024.0 (value 1152 + code;
+// the caller subtracts 1152 sum(q) from the score).
+template <Format F>
+__device__ __forceinline__ void key_word(uint32_t w, uint32_t& b0, uint32_t& b1) {
+  if constexpr (F == Format::kInt8) {
+    const uint32_t x = w ^ 0x80808080u;
+    b0 = __byte_perm(x, 0x64u, 0x4140);
+    b1 = __byte_perm(x, 0x64u, 0x4342);
+  } else {
+    b0 = fp8x2_bits(w & 0xffffu);
+    b1 = fp8x2_bits(w >> 16);
+  }
+}
+
+// kTokenScale's fast step: channels 4 j .. 4 j + 3 of tokens a and b (words wa, wb) as four fp16 pairs
+// (a, b), one per channel, exact codes.
+template <Format F>
+__device__ __forceinline__ void value_words(uint32_t wa, uint32_t wb, uint32_t* r) {
+  const uint32_t lo = __byte_perm(wa, wb, 0x5140), hi = __byte_perm(wa, wb, 0x7362);  // a0 b0 a1 b1, a2 b2 a3 b3
+  if constexpr (F == Format::kInt8) {
+    const __half2 off = __half2(__half(1152.0f), __half(1152.0f));
+    const uint32_t xl = lo ^ 0x80808080u, xh = hi ^ 0x80808080u;
+    const uint32_t u[4] = {__byte_perm(xl, 0x64u, 0x4140), __byte_perm(xl, 0x64u, 0x4342),
+                           __byte_perm(xh, 0x64u, 0x4140), __byte_perm(xh, 0x64u, 0x4342)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r[i] = h2_bits(__hsub2(as_h2(u[i]), off));
+  } else {
+    key_word<F>(lo, r[0], r[1]);
+    key_word<F>(hi, r[2], r[3]);
+  }
+}
+
 
 template <Format F>
 constexpr int code_bytes_per_token(int D) {
@@ -211,10 +255,13 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
   constexpr int KCH = D / 32;  // 8-channel key chunks per lane: channels c D/4 + 8 j
   constexpr int VG = D / 64;   // 8-channel value chunks per lane and token: channels 8 (8 vg + g)
   constexpr int CBT = code_bytes_per_token<F>(D);
-  // kFold: a lane's D/4 key channels arrive as NWK words of PW codes; a word feeds KPW k-steps.
-  constexpr int BITS = F == Format::kInt2 ? 2 : 4, PW = 32 / BITS, KPW = PW / 4, NWK = (D / 4) / PW;
+  constexpr bool kTS = FD == Feed::kTokenScale;
+  constexpr bool kFastFeed = FD == Feed::kFold || kTS;  // feeds with a fast step
+  // Fast steps: a lane's D/4 key channels arrive as NWK words of PW codes; a word feeds KPW k-steps.
+  constexpr int BITS = F == Format::kInt2 ? 2 : kTS ? 8 : 4, PW = 32 / BITS, KPW = PW / 4, NWK = (D / 4) / PW;
   constexpr int QS = D + 4;    // fp32 query row stride in shared memory (kFold)
-  using TV = std::conditional_t<FD == Feed::kFold, __half, T>;  // the P V mma's type
+  using TK = std::conditional_t<kTS, __half, T>;                        // the Q K^T mma's type
+  using TV = std::conditional_t<FD == Feed::kFold || kTS, __half, T>;  // the P V mma's type
   extern __shared__ __align__(16) uint8_t smem[];
   uint4* sq = reinterpret_cast<uint4*>(smem);                 // [KS][32] query A fragments
   float* so = reinterpret_cast<float*>(smem + KS * 32 * 16);  // [kWarps][16][D] warp accumulators
@@ -259,8 +306,8 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
       const int gr = rt * 16 + r + 8 * half;
       float4 q = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       if (gr < p.rows) q = *reinterpret_cast<const float4*>(query_row(p, s, h, gr, D) + d0);
-      w[half] = pack2<T>(q.x, q.y);
-      w[2 + half] = pack2<T>(q.z, q.w);
+      w[half] = pack2<TK>(q.x, q.y);
+      w[2 + half] = pack2<TK>(q.z, q.w);
     }
     sq[idx] = make_uint4(w[0], w[1], w[2], w[3]);
   }
@@ -271,6 +318,25 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
     }
   }
   __syncthreads();
+  // int8 fast steps: the keys arrive as 1152 + code, so rows g and g + 8 lose 1152 sum(q) per score.
+  float kq0 = 0.0f, kq1 = 0.0f;
+  if constexpr (kTS && F == Format::kInt8) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      const uint4 a = sq[kk * 32 + lane];
+      const float2 x = __half22float2(as_h2(a.x)), y = __half22float2(as_h2(a.y));
+      const float2 z = __half22float2(as_h2(a.z)), w = __half22float2(as_h2(a.w));
+      kq0 += (x.x + x.y) + (z.x + z.y);
+      kq1 += (y.x + y.y) + (w.x + w.y);
+    }
+#pragma unroll
+    for (int d = 1; d <= 2; d <<= 1) {
+      kq0 += __shfl_xor_sync(0xffffffffu, kq0, d);
+      kq1 += __shfl_xor_sync(0xffffffffu, kq1, d);
+    }
+    kq0 *= -1152.0f;
+    kq1 *= -1152.0f;
+  }
   int lo_all = INT_MAX, hi_all = -1;
 #pragma unroll
   for (int r = 0; r < 16; ++r) {
@@ -291,10 +357,10 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
   const Split sp{k_heads, v_heads, col0, bs_shift, (1 << bs_shift) - 1, static_cast<int>(plen),
                  static_cast<int>(skip)};
   const int lo0 = row_lo[g], hi0 = row_hi[g], lo1 = row_lo[g + 8], hi1 = row_hi[g + 8];
-  // Each warp takes a contiguous run of 16-token steps. kFold aligns the steps to positions that are
-  // multiples of 16, so a whole step lies in one block and one key group.
+  // Each warp takes a contiguous run of 16-token steps. Fast feeds align the steps to positions that
+  // are multiples of 16, so a whole step lies in one block (and one key group).
   const int ie0 = static_cast<int>(e0), ie1 = ie0 + static_cast<int>(len), isk = static_cast<int>(skip);
-  const int a0 = FD == Feed::kFold && len > 0 ? ie0 - ((isk + ie0) & 15) : ie0;
+  const int a0 = kFastFeed && len > 0 ? ie0 - ((isk + ie0) & 15) : ie0;
   const int per_warp = (ie1 - a0 + 16 * kWarps - 1) / (16 * kWarps) * 16;
   const int w0 = a0 + warp * per_warp, lim = min(w0 + per_warp, ie1), wlo = max(w0, ie0);
   const int kg_shift = __ffs(p.k.L.group) - 1, vg_shift = __ffs(p.v.L.group) - 1;
@@ -306,9 +372,9 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
   int cur_col = -1, cur_grp = -1;  // kFold: the (column, key group) whose q' the warp holds
   float kb0 = 0.0f, kb1 = 0.0f;    // and its score bias for rows g and g + 8
 
-  // kFold fast step: all 16 entries in the warp's range and in one existing page block (warp-uniform).
+  // Fast step: all 16 entries in the warp's range and in one existing page block (warp-uniform).
   auto fast_step = [&](int st) -> bool {
-    if (FD != Feed::kFold || st < wlo || st + kStep > lim || st + kStep > plen) return false;
+    if (!kFastFeed || st < wlo || st + kStep > lim || st + kStep > plen) return false;
     const int col = ((isk + st) >> bs_shift) - col0;
     return k_heads[col] != nullptr && v_heads[col] != nullptr;
   };
@@ -321,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
   };
   uint32_t kw_next[2][NWK];
   bool fast_next = fast_step(w0);
-  if (fast_next) load_keys(w0, kw_next);
+  if (FD == Feed::kFold && fast_next) load_keys(w0, kw_next);
 
   for (int st = w0; st < lim; st += kStep) {
     const bool fast = fast_next;
@@ -336,6 +402,25 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
     // This step's value codes and (scale, zero) words, issued before the scores are computed: tokens
     // 2c, 2c + 1 (+ 8 t), channels 8 (8 q + g) .. + 7.
     uint32_t vw[2][VG][2], vm[2][VG][2];
+    uint2 vw8[2][VG][2];  // kTokenScale: 8 codes per token and chunk
+    float2 ks2[2], vs2[2];  // kTokenScale: key and value scales of tokens 2c, 2c + 1 (+ 8 t)
+    if constexpr (kTS) {
+      // All of the step's loads at once (keys too: a step ahead spills at three blocks per SM).
+      if (fast) {
+        load_keys(st, kw);
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          const int oa = off0 + 8 * t + 2 * c;
+#pragma unroll
+          for (int q = 0; q < VG; ++q)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) vw8[t][q][i] = *reinterpret_cast<const uint2*>(vh + (oa + i) * CBT + 8 * (8 * q + g));
+          ks2[t] = *reinterpret_cast<const float2*>(kh + p.k.L.code_bytes + 4 * oa);
+          vs2[t] = *reinterpret_cast<const float2*>(vh + p.v.L.code_bytes + 4 * oa);
+        }
+      }
+      fast_next = fast_step(st + kStep);
+    }
     if constexpr (FD == Feed::kFold) {
       if (fast) {
         const uint32_t* mz = reinterpret_cast<const uint32_t*>(vh + p.v.L.code_bytes);
@@ -415,6 +500,21 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
           sc[t][2] += kb1;
           sc[t][3] += kb1;
         }
+      } else if constexpr (kTS) {
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.0f;
+#pragma unroll
+          for (int jw = 0; jw < NWK; ++jw) {
+            uint32_t b0, b1;
+            key_word<F>(kw[t][jw], b0, b1);
+            mma<__half>(sc[t], sq[jw * 32 + lane], b0, b1);
+          }
+          sc[t][0] += kq0;
+          sc[t][1] += kq0;
+          sc[t][2] += kq1;
+          sc[t][3] += kq1;
+        }
       }
     } else {
 #pragma unroll
@@ -440,10 +540,10 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
             float x[8];
             entry8<F, Role::kKey, FD>(p, p.k.L, tk, p.kt, p.kts, s, h, c * (D / 4) + 8 * j, nf4, x);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) b[i] = pack2<T>(x[2 * i], x[2 * i + 1]);
+            for (int i = 0; i < 4; ++i) b[i] = pack2<TK>(x[2 * i], x[2 * i + 1]);
           }
-          mma<T>(sc[t], sq[(2 * j) * 32 + lane], b[0], b[1]);
-          mma<T>(sc[t], sq[(2 * j + 1) * 32 + lane], b[2], b[3]);
+          mma<TK>(sc[t], sq[(2 * j) * 32 + lane], b[0], b[1]);
+          mma<TK>(sc[t], sq[(2 * j + 1) * 32 + lane], b[2], b[3]);
         }
       }
 #pragma unroll
@@ -460,7 +560,7 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
         const int e = st + 8 * t + 2 * c + i;
         const bool ok = (fast || kc[t][i].ok) && (mask == nullptr || e >= mask_n || mask[e] != 0);
         float f = p.scale;
-        if constexpr (FD == Feed::kTokenScale) f *= token_scale(p.k.L, kc[t][i]);
+        if constexpr (kTS) f *= fast ? (i ? ks2[t].y : ks2[t].x) : token_scale(p.k.L, kc[t][i]);
         float v0 = sc[t][i] * f, v1 = sc[t][2 + i] * f;
         if (p.softcap > 0.0f) {
           v0 = p.softcap * tanhf(v0 / p.softcap);
@@ -509,7 +609,7 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         float f = 1.0f;
-        if constexpr (FD == Feed::kTokenScale) f = token_scale(p.v.L, vc[t][i]);
+        if constexpr (kTS) f = fast ? (i ? vs2[t].y : vs2[t].x) : token_scale(p.v.L, vc[t][i]);
         pv[t][i] = pr[t][i] * f;
         pv[t][2 + i] = pr[t][2 + i] * f;
       }
@@ -540,6 +640,14 @@ __global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kern
             for (int i = 0; i < 8; ++i) vb[t][8 * q + i] = h2_bits(__hfma2(__hsub2(as_h2(r[i]), magic), sc2, zr2));
           }
         }
+      } else if constexpr (kTS) {
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int q = 0; q < VG; ++q) {
+            value_words<F>(vw8[t][q][0].x, vw8[t][q][1].x, &vb[t][8 * q]);
+            value_words<F>(vw8[t][q][0].y, vw8[t][q][1].y, &vb[t][8 * q + 4]);
+          }
       }
     } else {
 #pragma unroll
