@@ -401,8 +401,9 @@ class PagedKVCache(Cache):
 
     def _rotate_values(self, values: torch.Tensor, back: bool) -> torch.Tensor:
         """Values into (``back=False``) or out of the rotated basis they are stored in."""
-        r = self.store.rotation(values.device)
-        return (values.float() @ (r.T if back else r)).to(values.dtype)
+        # One matmul in the model dtype (fp32 accumulation), so a decode step adds two small ops per layer.
+        r = self.store.rotation(values.device, values.dtype)
+        return values @ (r.T if back else r)
 
     def _read(self, layer_idx: int, begin: int, end: int, dtype: torch.dtype, device: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -219,7 +219,7 @@ class KVStore:
         #: Per layer: leading positions kept exact (grouped keys, full attention), and whether values rotate.
         self.exact_layers = [exact_prefix if f.key in GROUPED and w is None else 0 for f, w in zip(formats, windows)]
         self.rotated_layers = [value_rotation is not False and f.value in GROUPED for f in formats]
-        self._rotation: dict[torch.device, torch.Tensor] = {}
+        self._rotation: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         #: Exact leading rows of cached prefixes: (group, first block id) -> per layer (keys, values)
         #: [num_kv_heads, exact_prefix, head_dim] (prefix caching with exact_prefix).
         self.exact_rows: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -278,10 +278,11 @@ class KVStore:
             p.release()
         self._build()
 
-    def rotation(self, device: torch.device) -> torch.Tensor:
-        """The fp32 ``[head_dim, head_dim]`` orthogonal matrix values are stored under (``v @ R``):
-        randomized Hadamard blocks along head_dim (the largest power of two dividing it), fixed seed."""
-        r = self._rotation.get(device)
+    def rotation(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``[head_dim, head_dim]`` orthogonal matrix values are stored under (``v @ R``): randomized
+        Hadamard blocks along head_dim (the largest power of two dividing it), fixed seed; in ``dtype``
+        (its entries are +-2^-k/2: exact for 16, 64, 256-wide blocks, within 2^-9 otherwise)."""
+        r = self._rotation.get((device, dtype))
         if r is None:
             n = self.head_dim & -self.head_dim
             h = torch.ones(1, 1)
@@ -290,7 +291,7 @@ class KVStore:
             gen = torch.Generator().manual_seed(0x9E3779B9)
             signs = torch.randint(0, 2, (self.head_dim,), generator=gen).float() * 2 - 1
             r = torch.block_diag(*([h / n ** 0.5] * (self.head_dim // n))) * signs[:, None]
-            r = self._rotation[device] = r.to(device)
+            r = self._rotation[(device, dtype)] = r.to(device, dtype)
         return r
 
     # ------------------------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""Decode step time of one format with exact_prefix and value_rotation at their defaults and off (GPU),
+alternating, and optionally the top ops of three default steps.
+
+python scripts/decode_variants.py --fmt int4 --batch 16 --prompt 16384 --new 64
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from pagedkv import PagedKVCache
+from pagedkv.bench.generate import llama32_1b, prompt_ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fmt", default="int4")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=16384)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="print the top ops of three default steps")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    model = llama32_1b(dev, torch.bfloat16)
+    model.set_attn_implementation("pagedkv")
+    ids = prompt_ids(model, args.batch, args.prompt, dev, False)
+    variants = [("defaults", {}), ("neither", dict(exact_prefix=0, value_rotation=False))] * 2  # alternate: order effects
+    for name, kw in variants:
+        cache = PagedKVCache(model.config, kv_format=args.fmt, **kw)
+        with torch.no_grad():
+            out = model(ids, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            times = []
+            for i in range(args.new):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                out = model(tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            if name == "defaults" and args.profile:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                        torch.profiler.ProfilerActivity.CPU]) as prof:
+                    for _ in range(3):
+                        out = model(tok, past_key_values=cache, use_cache=True)
+                        tok = out.logits[:, -1:].argmax(-1)
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+        times.sort()
+        print(f"{args.fmt} {name}: median decode step {1e3 * times[len(times) // 2]:.2f} ms", flush=True)
+        del cache, out
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
