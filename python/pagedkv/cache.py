@@ -128,8 +128,9 @@ class PagedKVCache(Cache):
         Newest tokens kept in full precision (only with grouped formats; default 128). Keys are quantized
         per channel over whole groups of ``key_group_size`` tokens once they leave this window.
     key_group_size, value_group_size:
-        Quantization groups of grouped formats: tokens per key group (default ``min(64, block_size)``),
-        channels per value group (default 64 for int4/nf4, 32 for int2, capped at ``head_dim``).
+        Quantization groups of grouped formats: tokens per key group (default ``min(64, block_size)``,
+        int2 32), channels per value group (default 64, or the largest power of two dividing
+        ``head_dim`` below that: 16 for head_dim 80).
     exact_prefix:
         Attention sinks: the first ``exact_prefix`` positions (default 1 with grouped key formats) are
         also kept in full precision and left out of their key group's range; the fused and the dense
