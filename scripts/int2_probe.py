@@ -34,16 +34,9 @@ from transformers import DynamicCache
 
 from pagedkv.eval import common as eval_common
 from pagedkv.eval import ppl as eval_ppl
+from pagedkv.store import hadamard_rotation
 
 DEFAULTS = dict(R=128, kg=64, vg=32, kbits=2, vbits=2, sinks=0, sinkx=0, vrot=False, k2l=0, klev=0, vlev=0, vsym=False, skipl=-1)
-
-
-def hadamard(n: int, seed: int = 1234) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    sign = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
-    return h / math.sqrt(n) * sign[:, None]
 
 
 def asym(x: torch.Tensor, dim: int, bits: int, lev: int = 0) -> torch.Tensor:
@@ -86,7 +79,7 @@ def fake_quantize(k: torch.Tensor, v: torch.Tensor, cfg: dict) -> tuple[torch.Te
         kq = two_level_keys(kq, cfg["kg"], cfg["k2l"])
     else:
         kq = asym(kq.reshape(B, H, q // cfg["kg"], cfg["kg"], D), 3, cfg["kbits"], cfg["klev"]).reshape(B, H, q, D)
-    rot = hadamard(D) if cfg["vrot"] else None
+    rot = hadamard_rotation(D, seed=1234) if cfg["vrot"] else None
     if rot is not None:
         vq = vq @ rot
     vg = min(cfg["vg"], D)

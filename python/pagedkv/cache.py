@@ -208,6 +208,7 @@ class PagedKVCache(Cache):
         self.sink_tokens = sink_tokens
         self.rotary = rotary
         self._token_ids: torch.Tensor | None = None
+        self._exact_mask: tuple | None = None  # (padding, (begin, lead, end), reordered): see _exact_order_mask
         layers = [PagedLayer(self, i, mw, w, sink_tokens if mw is None and w is not None else 0,
                              store.exact_layers[i], store.rotated_layers[i])
                   for i, (mw, w) in enumerate(zip(store.model_windows, store.windows))]
@@ -457,7 +458,7 @@ class PagedKVCache(Cache):
             # Exact leading positions join the dense tail (the op's causal mask covers only the last
             # q_len entries, and full layers have no window); the mask follows the new entry order.
             if padding is not None:
-                padding = torch.cat([padding[:, begin + lead:end], padding[:, begin:begin + lead], padding[:, end:]], 1)
+                padding = self._exact_order_mask(padding, begin, lead, end)
             tk = torch.cat([layer.sink_keys[:, :, begin:begin + lead], tk], dim=2)
             tv = torch.cat([layer.sink_values[:, :, begin:begin + lead], tv], dim=2)
             begin += lead
@@ -473,6 +474,18 @@ class PagedKVCache(Cache):
             num_kv_heads=self.num_kv_heads, scale=scaling if scaling is not None else self.head_dim ** -0.5,
             softcap=softcap, window=layer.window or 0)
         return self._rotate_values(out, True) if layer.rotated else out
+
+    def _exact_order_mask(self, padding: torch.Tensor, begin: int, lead: int, end: int) -> torch.Tensor:
+        """The padding mask in the fused op's entry order with exact leading positions moved to the tail;
+        built once per step (the layers of a step share the mask object; an in-place edit of it bumps
+        its version and rebuilds)."""
+        key = (begin, lead, end, padding._version)
+        hit = self._exact_mask
+        if hit is not None and hit[0] is padding and hit[1] == key:
+            return hit[2]
+        out = torch.cat([padding[:, begin + lead:end], padding[:, begin:begin + lead], padding[:, end:]], 1)
+        self._exact_mask = (padding, key, out)
+        return out
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if not isinstance(layer_idx, int) or layer_idx < 0:

@@ -75,6 +75,17 @@ def resolve_tp_size(tp_size: int | str | None) -> int:
     return tp_size
 
 
+def hadamard_rotation(dim: int, seed: int = 0x9E3779B9) -> torch.Tensor:
+    """fp32 ``[dim, dim]`` orthogonal matrix: Sylvester-Hadamard blocks of the largest power of two
+    dividing ``dim``, scaled to unit rows, times random signs per row (fixed ``seed``)."""
+    n = dim & -dim
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (dim,), generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
+    return torch.block_diag(*([h / n ** 0.5] * (dim // n))) * signs[:, None]
+
+
 def _positive_int_or_none(name: str, value: Any, minimum: int = 0) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
         raise ValueError(f"{name} must be an int >= {minimum} or None, got {value!r}")
@@ -220,9 +231,6 @@ class KVStore:
         self.exact_layers = [exact_prefix if f.key in GROUPED and w is None else 0 for f, w in zip(formats, windows)]
         self.rotated_layers = [value_rotation is not False and f.value in GROUPED for f in formats]
         self._rotation: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        #: Exact leading rows of cached prefixes: (group, first block id) -> per layer (keys, values)
-        #: [num_kv_heads, exact_prefix, head_dim] (prefix caching with exact_prefix).
-        self.exact_rows: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pages = {
             i: LayerPages(
                 f, num_kv_heads, head_dim, block_size,
@@ -258,7 +266,9 @@ class KVStore:
                 self.group_of[i] = len(self.groups)
             self.groups.append(g)
         self.device = self.dtype = None
-        self.exact_rows = {}
+        #: Exact leading rows of cached prefixes: (group, first block id) -> per layer (keys, values)
+        #: [num_kv_heads, exact_prefix, head_dim] (prefix caching with exact_prefix).
+        self.exact_rows: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._counters = dict(requests=0, hit_blocks=0, miss_blocks=0, hit_tokens=0, bytes_saved=0)
 
     def bind(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -284,14 +294,7 @@ class KVStore:
         (its entries are +-2^-k/2: exact for 16, 64, 256-wide blocks, within 2^-9 otherwise)."""
         r = self._rotation.get((device, dtype))
         if r is None:
-            n = self.head_dim & -self.head_dim
-            h = torch.ones(1, 1)
-            while h.shape[0] < n:
-                h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-            gen = torch.Generator().manual_seed(0x9E3779B9)
-            signs = torch.randint(0, 2, (self.head_dim,), generator=gen).float() * 2 - 1
-            r = torch.block_diag(*([h / n ** 0.5] * (self.head_dim // n))) * signs[:, None]
-            r = self._rotation[(device, dtype)] = r.to(device, dtype)
+            r = self._rotation[(device, dtype)] = hadamard_rotation(self.head_dim).to(device, dtype)
         return r
 
     # ------------------------------------------------------------------------------------------

@@ -136,3 +136,15 @@ def test_exact_prefix_is_checked(bad):
 def test_value_rotation_is_checked():
     with pytest.raises(TypeError, match="value_rotation"):
         pagedkv.PagedKVCache(None, "int2", value_rotation="yes", **SMALL)
+
+
+def test_reordered_mask_is_shared_by_a_step_and_follows_in_place_edits():
+    cache = pagedkv.PagedKVCache(None, "int2", **SMALL)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :3] = False
+    a = cache._exact_order_mask(mask, 0, 1, 32)
+    assert cache._exact_order_mask(mask, 0, 1, 32) is a  # the next layer of the step reuses it
+    assert torch.equal(a, torch.cat([mask[:, 1:32], mask[:, :1], mask[:, 32:]], 1))
+    mask[0, 5] = False  # a loop that edits its mask in place between steps
+    b = cache._exact_order_mask(mask, 0, 1, 32)
+    assert b is not a and not bool(b[0, 4])

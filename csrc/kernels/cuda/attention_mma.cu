@@ -149,17 +149,12 @@ __device__ __forceinline__ void key_word(uint32_t w, uint32_t& b0, uint32_t& b1)
 // (a, b), one per channel, exact codes.
 template <Format F>
 __device__ __forceinline__ void value_words(uint32_t wa, uint32_t wb, uint32_t* r) {
-  const uint32_t lo = __byte_perm(wa, wb, 0x5140), hi = __byte_perm(wa, wb, 0x7362);  // a0 b0 a1 b1, a2 b2 a3 b3
-  if constexpr (F == Format::kInt8) {
+  key_word<F>(__byte_perm(wa, wb, 0x5140), r[0], r[1]);  // a0 b0 a1 b1
+  key_word<F>(__byte_perm(wa, wb, 0x7362), r[2], r[3]);  // a2 b2 a3 b3
+  if constexpr (F == Format::kInt8) {  // values take the exact codes: drop the 1152 bias here
     const __half2 off = __half2(__half(1152.0f), __half(1152.0f));
-    const uint32_t xl = lo ^ 0x80808080u, xh = hi ^ 0x80808080u;
-    const uint32_t u[4] = {__byte_perm(xl, 0x64u, 0x4140), __byte_perm(xl, 0x64u, 0x4342),
-                           __byte_perm(xh, 0x64u, 0x4140), __byte_perm(xh, 0x64u, 0x4342)};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) r[i] = h2_bits(__hsub2(as_h2(u[i]), off));
-  } else {
-    key_word<F>(lo, r[0], r[1]);
-    key_word<F>(hi, r[2], r[3]);
+    for (int i = 0; i < 4; ++i) r[i] = h2_bits(__hsub2(as_h2(r[i]), off));
   }
 }
 
