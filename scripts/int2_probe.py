@@ -15,6 +15,14 @@ candidate changes:
   klev/vlev=A  2-bit levels at 0, A, 1000 - A, 1000 (per mille) of the group range instead of thirds
   vsym       symmetric 2-bit values (one scale per group, no zero point: 0.25 bit less at 64 channels)
   skipl=L     leave layer L unquantized (per-layer sensitivity)
+  kclip/vclip=N  per group, search the clipped range [mn + a r/N, mx - b r/N], a, b in 0..N/4, for the
+             least squared error of that group (write side only; the stored format is unchanged);
+             crange=M widens or narrows the searched clip to M per mille of the range on each side
+  vls=N      the same for values
+  ktok       keys: rotate each key group along its tokens (random-sign Hadamard), undone after
+  prerope    quantize keys before RoPE (undo the rotation of each position, quantize, redo it)
+  kls=N      keys: N rounds of alternating least squares from the min/max fit (codes given scale and
+             zero by rounding, then scale and zero given the codes by a linear fit)
   kbits/vbits  other code widths for keys / values (8 = near lossless, to split the error)
 
 Usage: python scripts/int2_probe.py --context 2048 --tokens 8192 --variant base "" \\
@@ -36,12 +44,43 @@ from pagedkv.eval import common as eval_common
 from pagedkv.eval import ppl as eval_ppl
 from pagedkv.store import hadamard_rotation
 
-DEFAULTS = dict(R=128, kg=64, vg=32, kbits=2, vbits=2, sinks=0, sinkx=0, vrot=False, k2l=0, klev=0, vlev=0, vsym=False, skipl=-1)
+DEFAULTS = dict(R=128, kg=64, vg=32, kbits=2, vbits=2, sinks=0, sinkx=0, vrot=False, k2l=0, klev=0, vlev=0, vsym=False, skipl=-1, kclip=0, vclip=0, crange=250, kls=0, vls=0, prerope=False, ktok=False)
 
 
-def asym(x: torch.Tensor, dim: int, bits: int, lev: int = 0) -> torch.Tensor:
+def asym(x: torch.Tensor, dim: int, bits: int, lev: int = 0, clip: int = 0, crange: int = 250,
+         ls: int = 0) -> torch.Tensor:
     qmax = 2 ** bits - 1
     mn, mx = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    if ls:
+        s, z = ((mx - mn) / qmax).clamp(min=1e-8), mn
+        n = x.shape[dim]
+        for _ in range(ls):
+            c = torch.round((x - z) / s).clamp(0, qmax)
+            sc, sx = c.sum(dim, keepdim=True), x.sum(dim, keepdim=True)
+            scc, scx = (c * c).sum(dim, keepdim=True), (c * x).sum(dim, keepdim=True)
+            det = n * scc - sc * sc
+            ok = det > 0
+            s_new = torch.where(ok, (n * scx - sc * sx) / torch.where(ok, det, 1.0), s)
+            z_new = torch.where(ok, (sx - s_new * sc) / n, z)
+            good = s_new > 1e-8
+            s, z = torch.where(good, s_new, s), torch.where(good, z_new, z)
+        return torch.round((x - z) / s).clamp(0, qmax) * s + z
+    if clip:
+        r = mx - mn
+        best, best_err = None, None
+        for a in range(clip * crange // 1000 + 1):
+            for b in range(clip * crange // 1000 + 1):
+                lo, hi = mn + r * (a / clip), mx - r * (b / clip)
+                s = ((hi - lo) / qmax).clamp(min=1e-8)
+                y = torch.round((x - lo) / s).clamp(0, qmax) * s + lo
+                err = (y - x).square().sum(dim=dim, keepdim=True)
+                if best is None:
+                    best, best_err = y, err
+                else:
+                    better = err < best_err
+                    best = torch.where(better, y, best)
+                    best_err = torch.where(better, err, best_err)
+        return best
     if lev and bits == 2:  # 4 levels at 0, a, 1 - a, 1 of the range (a = lev / 1000)
         a = lev / 1000
         levels = torch.tensor([0.0, a, 1 - a, 1.0])
@@ -66,6 +105,20 @@ def two_level_keys(k: torch.Tensor, kg: int, steps: int) -> torch.Tensor:
     return (torch.round((g - lo) / s).clamp(0, 3) * s + lo).reshape(B, H, T, D)
 
 
+INV_FREQ: torch.Tensor | None = None  # the model's RoPE frequencies (set in main)
+
+
+def rope_tables(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = torch.arange(n, dtype=torch.float32)[:, None] * INV_FREQ[None, :]
+    emb = torch.cat([freqs, freqs], -1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], -1)
+
+
 def fake_quantize(k: torch.Tensor, v: torch.Tensor, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     n = k.shape[2]
     q = max(n - cfg["R"], 0) // 64 * 64
@@ -73,12 +126,22 @@ def fake_quantize(k: torch.Tensor, v: torch.Tensor, cfg: dict) -> tuple[torch.Te
         return k, v
     B, H, _, D = k.shape
     kq, vq = k[:, :, :q].float().clone(), v[:, :, :q].float()
+    if cfg["prerope"]:
+        cos, sin = rope_tables(q)
+        kq = kq * cos - rotate_half(kq) * sin
     if cfg["sinkx"]:
         kq[:, :, :cfg["sinkx"]] = kq[:, :, cfg["sinkx"]:cfg["sinkx"] + 1]
     if cfg["k2l"]:
         kq = two_level_keys(kq, cfg["kg"], cfg["k2l"])
     else:
-        kq = asym(kq.reshape(B, H, q // cfg["kg"], cfg["kg"], D), 3, cfg["kbits"], cfg["klev"]).reshape(B, H, q, D)
+        kg_rot = hadamard_rotation(cfg["kg"], seed=4321) if cfg["ktok"] else None
+        if kg_rot is not None:
+            kq = (kg_rot.T @ kq.reshape(B, H, q // cfg["kg"], cfg["kg"], D)).reshape(B, H, q, D)
+        kq = asym(kq.reshape(B, H, q // cfg["kg"], cfg["kg"], D), 3, cfg["kbits"], cfg["klev"], cfg["kclip"], cfg["crange"], cfg["kls"]).reshape(B, H, q, D)
+        if kg_rot is not None:
+            kq = (kg_rot @ kq.reshape(B, H, q // cfg["kg"], cfg["kg"], D)).reshape(B, H, q, D)
+    if cfg["prerope"]:
+        kq = kq * cos + rotate_half(kq) * sin
     rot = hadamard_rotation(D, seed=1234) if cfg["vrot"] else None
     if rot is not None:
         vq = vq @ rot
@@ -88,7 +151,7 @@ def fake_quantize(k: torch.Tensor, v: torch.Tensor, cfg: dict) -> tuple[torch.Te
         s = (g.abs().amax(4, keepdim=True) / 1.5).clamp(min=1e-8)
         vq = ((torch.floor(g / s).clamp(-2, 1) + 0.5) * s).reshape(B, H, q, D)
     else:
-        vq = asym(vq.reshape(B, H, q, D // vg, vg), 4, cfg["vbits"], cfg["vlev"]).reshape(B, H, q, D)
+        vq = asym(vq.reshape(B, H, q, D // vg, vg), 4, cfg["vbits"], cfg["vlev"], cfg["vclip"], cfg["crange"], cfg["vls"]).reshape(B, H, q, D)
     if rot is not None:
         vq = vq @ rot.T
     keep = max(cfg["sinks"], cfg["sinkx"])
@@ -125,6 +188,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok, name = eval_common.load_model(args.model, torch.float32)
+    global INV_FREQ
+    INV_FREQ = model.model.rotary_emb.inv_freq.float()
+    assert float(getattr(model.model.rotary_emb, "attention_scaling", 1.0)) == 1.0
     ids = tok(eval_common.text_path("wikitext2").read_text(encoding="utf-8"), return_tensors="pt",
               add_special_tokens=False).input_ids[0]
     n_win = args.tokens // args.context

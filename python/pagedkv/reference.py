@@ -24,15 +24,52 @@ def _fp16_round(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(torch.float32)
 
 
-def _asym(x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
+ASYM_FIT_ROUNDS = 12  # kAsymFitRounds in quant_ref.h (2-bit keys only)
+
+
+def _stored(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fp16_round(scale.clamp(max=FP16_MAX)), _fp16_round(zero.clamp(-FP16_MAX, FP16_MAX))
+
+
+def _codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: float) -> torch.Tensor:
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    return torch.where(s == 0, torch.zeros_like(x), torch.round((x - z) / safe).clamp(0.0, qmax))
+
+
+def _asym(x: torch.Tensor, dim: int, bits: int, fit: bool = False) -> torch.Tensor:
+    """Asymmetric ``bits`` quantization over ``dim``: the min/max grid, or with ``fit`` asym_fit's
+    alternating least squares (sums taken token by token in the kernels' order, so it is bit-exact)."""
     qmax = float(2**bits - 1)
     mn = x.amin(dim=dim, keepdim=True)
     mx = x.amax(dim=dim, keepdim=True)
-    s = _fp16_round(((mx - mn) / qmax).clamp(max=FP16_MAX))
-    z = _fp16_round(mn.clamp(-FP16_MAX, FP16_MAX))
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    q = torch.where(s == 0, torch.zeros_like(x), torch.round((x - z) / safe).clamp(0.0, qmax))
-    return q * s + z
+    s, z = _stored((mx - mn) / qmax, mn)
+    if fit:
+        n = x.shape[dim]
+        xs = [x.narrow(dim, t, 1) for t in range(n)]
+
+        def sse(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            e = torch.zeros_like(s)
+            for v in xs:
+                d = _codes(v, s, z, qmax) * s + z - v
+                e = e + d * d
+            return e
+
+        best_e = sse(s, z)
+        active = torch.ones_like(s, dtype=torch.bool)
+        for _ in range(ASYM_FIT_ROUNDS):
+            sc, sx, scc, scx = (torch.zeros_like(s) for _ in range(4))
+            for v in xs:
+                c = _codes(v, s, z, qmax)
+                sc, sx, scc, scx = sc + c, sx + v, scc + c * c, scx + c * v
+            det = n * scc - sc * sc
+            scale = (n * scx - sc * sx) / torch.where(det > 0, det, torch.ones_like(det))
+            s2, z2 = _stored(scale, (sx - scale * sc) / n)
+            e = sse(s2, z2)
+            active = active & (det > 0) & (scale > 0) & (e < best_e)
+            s, z, best_e = torch.where(active, s2, s), torch.where(active, z2, z), torch.where(active, e, best_e)
+            if not bool(active.any()):
+                break
+    return _codes(x, s, z, qmax) * s + z
 
 
 def _nf4(x: torch.Tensor, dim: int, super_dims: tuple[int, ...]) -> torch.Tensor:
@@ -78,7 +115,7 @@ def fake_quantize(x: torch.Tensor, fmt: str, role: int, group: int = 1) -> torch
             if T % group:
                 raise ValueError(f"num_tokens={T} is not a multiple of the key group {group}")
             xg = x.reshape(T // group, group, H, D)
-            out = _asym(xg, 1, 4 if fmt == "int4" else 2) if fmt != "nf4" else _nf4(xg, 1, (1, 3))
+            out = _asym(xg, 1, 4 if fmt == "int4" else 2, fit=fmt == "int2") if fmt != "nf4" else _nf4(xg, 1, (1, 3))
         else:
             xg = x.reshape(T, H, D // group, group)
             out = _asym(xg, 3, 4 if fmt == "int4" else 2) if fmt != "nf4" else _nf4(xg, 3, (2, 3))

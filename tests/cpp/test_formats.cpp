@@ -86,6 +86,35 @@ TEST_CASE("int2 key group: per-channel over tokens") {
   }
 }
 
+TEST_CASE("asym_fit: never worse than min/max, exact on the grid, trims a rare extreme") {
+  // On the grid: the min/max fit is exact and stays.
+  float grid[8] = {0, 1, 2, 3, 3, 2, 1, 0};
+  const AsymParams g = asym_fit(grid, 1, 8, 2);
+  CHECK(g.scale == 1.0f);
+  CHECK(g.zero == 0.0f);
+  CHECK(asym_sse(grid, 1, 8, g, 2) == 0.0f);
+  // One channel of 32 tokens near 0 plus one extreme: min/max wastes the grid; the fit is better.
+  float x[32];
+  for (int t = 0; t < 32; ++t) x[t] = 0.1f * static_cast<float>((t * 7) % 11) - 0.5f;
+  x[5] = 6.0f;
+  const AsymParams mm = asym_params(-0.5f, 6.0f, 2);
+  const AsymParams f = asym_fit(x, 1, 32, 2);
+  CHECK(asym_sse(x, 1, 32, f, 2) < 0.5f * asym_sse(x, 1, 32, mm, 2));
+  // Strided input, constant group (nothing to fit), and 4 bits: never worse than min/max.
+  float y[64];
+  for (int t = 0; t < 64; ++t) y[t] = (t % 2) ? 1.5f : static_cast<float>(t % 9) * 0.37f - 1.0f;
+  for (int bits : {2, 4}) {
+    float mn = y[0], mx = y[0];
+    for (int t = 0; t < 32; ++t) {
+      mn = fminf(mn, y[2 * t]);
+      mx = fmaxf(mx, y[2 * t]);
+    }
+    CHECK(asym_sse(y, 2, 32, asym_fit(y, 2, 32, bits), bits) <= asym_sse(y, 2, 32, asym_params(mn, mx, bits), bits));
+    const AsymParams c = asym_fit(y + 1, 2, 32, bits);
+    CHECK(asym_sse(y + 1, 2, 32, c, bits) == 0.0f);
+  }
+}
+
 TEST_CASE("nf4 double-quantized absmax: reference vector") {
   const PageLayout L = make_page_layout(Format::kNF4, Role::kValue, 1, 4, 16, 4);
   std::vector<uint8_t> page(L.block_bytes, 0);

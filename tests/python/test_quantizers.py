@@ -73,12 +73,14 @@ def test_per_channel_keys_absorb_outlier_channels():
 def test_grid_values_round_trip_exactly(fmt):
     """Dequantized values lie on the format's grid, so quantizing them again changes nothing. nf4's
     double-quantized scales are the exception on keys with outlier channels: re-deriving a channel's
-    uint8 absmax code from its dequantized maximum moves 59 of 131,072 values (relative error 1.5e-7)."""
+    uint8 absmax code from its dequantized maximum moves 59 of 131,072 values (relative error 1.5e-7).
+    So are int2 keys, which are fitted by least squares (asym_fit): refitting a fitted heavy-tailed group
+    starts from a min/max grid one rounding away, and 1 of 131,072 values moves (relative error 2e-10)."""
     for name, x in _inputs().items():
         for role in (KEY, VALUE):
             y = fake_quantize(x, fmt, role, _group(fmt))
             again = fake_quantize(y, fmt, role, _group(fmt))
-            if fmt == "nf4" and name == "outlier_channels" and role == KEY:
+            if (fmt == "nf4" and name == "outlier_channels" or fmt == "int2" and name == "student_t3") and role == KEY:
                 assert float(((again - y) ** 2).sum() / (y**2).sum()) < 1e-6
                 continue
             assert torch.equal(again, y), (fmt, name, role)

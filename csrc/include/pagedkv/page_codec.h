@@ -122,7 +122,7 @@ PKV_HD void encode_token(const PageLayout& L, uint8_t* head, int64_t o, const fl
 }
 
 // Encodes the key group of tokens [o0, o0 + group) of one head: x[t * x_stride + d], t < group.
-// Per channel d: one (scale, zero) for int4/int2, one absmax code for nf4.
+// Per channel d: one fitted (scale, zero) for int4/int2 (asym_fit), one absmax code for nf4.
 PKV_HD void encode_key_group(const PageLayout& L, uint8_t* head, int64_t o0, const float* x,
                              int64_t x_stride) {
   const int D = L.head_dim;
@@ -153,12 +153,7 @@ PKV_HD void encode_key_group(const PageLayout& L, uint8_t* head, int64_t o0, con
   }
   ScaleZeroF16* sz = reinterpret_cast<ScaleZeroF16*>(meta) + gi * D;
   for (int d = 0; d < D; ++d) {
-    float mn = x[d], mx = x[d];
-    for (int t = 1; t < G; ++t) {
-      mn = fminf(mn, x[t * x_stride + d]);
-      mx = fmaxf(mx, x[t * x_stride + d]);
-    }
-    const AsymParams p = asym_params(mn, mx, bits);
+    const AsymParams p = asym_fit(x + d, x_stride, G, bits);
     sz[d].scale = p.scale_h;
     sz[d].zero = p.zero_h;
     for (int t = 0; t < G; ++t)

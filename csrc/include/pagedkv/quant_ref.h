@@ -146,14 +146,18 @@ struct AsymParams {
   float scale;  // fp16-rounded, as stored
   float zero;
 };
-PKV_HD AsymParams asym_params(float mn, float mx, int bits) {
-  const float qmax = static_cast<float>((1 << bits) - 1);
+// (scale, zero) rounded to fp16 as stored, clamped to the fp16 range.
+PKV_HD AsymParams asym_stored(float scale, float zero) {
   AsymParams p;
-  p.scale_h = fp16_from_float(fminf((mx - mn) / qmax, kFP16Max));
-  p.zero_h = fp16_from_float(fminf(fmaxf(mn, -kFP16Max), kFP16Max));
+  p.scale_h = fp16_from_float(fminf(scale, kFP16Max));
+  p.zero_h = fp16_from_float(fminf(fmaxf(zero, -kFP16Max), kFP16Max));
   p.scale = fp16_to_float(p.scale_h);
   p.zero = fp16_to_float(p.zero_h);
   return p;
+}
+PKV_HD AsymParams asym_params(float mn, float mx, int bits) {
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  return asym_stored((mx - mn) / qmax, mn);
 }
 PKV_HD uint32_t asym_code(float x, float scale, float zero, int bits) {
   if (scale == 0.0f) return 0;
@@ -162,6 +166,61 @@ PKV_HD uint32_t asym_code(float x, float scale, float zero, int bits) {
 }
 PKV_HD float asym_dequant(uint32_t code, float scale, float zero) {
   return static_cast<float>(code) * scale + zero;
+}
+
+// 2-bit grouped keys (one channel over a token group) are fitted, not just spanned: starting from the
+// min/max grid, alternate the codes given (scale, zero) (rounding) and (scale, zero) given the codes
+// (the linear least-squares fit, rounded to fp16 as stored), and keep the fit with the least squared
+// error. Each round can only lower the error, so the result is never worse than min/max; at 2 bits it
+// trims the range of groups whose extremes are rare (benchmarks/RESULTS.md, "int2 probe").
+// Every operation is a plain fp32 add, multiply or divide in a fixed order (no contraction: the host
+// build uses -ffp-contract=off, the CUDA append --fmad=false), which pagedkv.reference repeats bit for
+// bit.
+// Only 2-bit keys are fitted: at 4 bits the min/max grid measured better (the fit trims extremes that
+// the scores need more than the error it saves).
+constexpr int kAsymFitRounds = 12;
+PKV_HD int asym_fit_rounds(int bits) { return bits == 2 ? kAsymFitRounds : 0; }
+
+PKV_HD float asym_sse(const float* x, int64_t stride, int n, const AsymParams& p, int bits) {
+  float e = 0.0f;
+  for (int t = 0; t < n; ++t) {
+    const float v = x[t * stride];
+    const float d = asym_dequant(asym_code(v, p.scale, p.zero, bits), p.scale, p.zero) - v;
+    e += d * d;
+  }
+  return e;
+}
+
+PKV_HD AsymParams asym_fit(const float* x, int64_t stride, int n, int bits) {
+  float mn = x[0], mx = x[0];
+  for (int t = 1; t < n; ++t) {
+    mn = fminf(mn, x[t * stride]);
+    mx = fmaxf(mx, x[t * stride]);
+  }
+  AsymParams best = asym_params(mn, mx, bits);
+  float best_e = asym_sse(x, stride, n, best, bits);
+  const float fn = static_cast<float>(n);
+  for (int r = 0; r < asym_fit_rounds(bits); ++r) {
+    float sc = 0.0f, sx = 0.0f, scc = 0.0f, scx = 0.0f;
+    for (int t = 0; t < n; ++t) {
+      const float v = x[t * stride];
+      const float c = static_cast<float>(asym_code(v, best.scale, best.zero, bits));
+      sc += c;
+      sx += v;
+      scc += c * c;
+      scx += c * v;
+    }
+    const float det = fn * scc - sc * sc;
+    if (!(det > 0.0f)) break;  // one code for the whole group: nothing to fit
+    const float scale = (fn * scx - sc * sx) / det;
+    if (!(scale > 0.0f)) break;
+    const AsymParams p = asym_stored(scale, (sx - scale * sc) / fn);
+    const float e = asym_sse(x, stride, n, p, bits);
+    if (!(e < best_e)) break;
+    best = p;
+    best_e = e;
+  }
+  return best;
 }
 
 // ----------------------------------------------------------------------------------------------
