@@ -1,11 +1,14 @@
-"""Decode step time of one format with exact_prefix and value_rotation at their defaults and off (GPU),
-alternating, and optionally the top ops of three default steps.
+"""Decode step time of one format with cache options at their defaults and changed (GPU), alternating,
+and optionally the top ops of three default steps. Variants: defaults; neither (exact_prefix=0,
+value_rotation=False); nocheck (check_finite=False).
 
-python scripts/decode_variants.py --fmt int4 --batch 16 --prompt 16384 --new 64
+python scripts/decode_variants.py --fmt int4 --batch 16 --prompt 16384 --new 64 --variants defaults nocheck
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -14,25 +17,34 @@ from pagedkv import PagedKVCache
 from pagedkv.bench.generate import llama32_1b, prompt_ids
 
 
+VARIANTS = {"defaults": {}, "neither": dict(exact_prefix=0, value_rotation=False), "nocheck": dict(check_finite=False)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fmt", default="int4")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=16384)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--profile", action="store_true", help="print the top ops of three default steps")
+    ap.add_argument("--variants", nargs="+", default=["defaults", "neither"], choices=sorted(VARIANTS))
+    ap.add_argument("--profile", action="store_true", help="print the top ops of three steps of the first variant")
+    ap.add_argument("--cprofile", action="store_true", help="print the Python functions with the most host time "
+                    "over the decode steps of the first variant")
     args = ap.parse_args()
     dev = torch.device("cuda")
     model = llama32_1b(dev, torch.bfloat16)
     model.set_attn_implementation("pagedkv")
     ids = prompt_ids(model, args.batch, args.prompt, dev, False)
-    variants = [("defaults", {}), ("neither", dict(exact_prefix=0, value_rotation=False))] * 2  # alternate: order effects
-    for name, kw in variants:
+    for name in args.variants * 2:  # alternate: order effects
+        kw = VARIANTS[name]
         cache = PagedKVCache(model.config, kv_format=args.fmt, **kw)
         with torch.no_grad():
             out = model(ids, past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
             times = []
+            prof_py = cProfile.Profile() if args.cprofile and name == args.variants[0] else None
+            if prof_py is not None:
+                prof_py.enable()
             for i in range(args.new):
                 torch.cuda.synchronize()
                 t = time.perf_counter()
@@ -40,7 +52,11 @@ def main() -> None:
                 tok = out.logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
-            if name == "defaults" and args.profile:
+            if prof_py is not None:
+                prof_py.disable()
+                pstats.Stats(prof_py).sort_stats("tottime").print_stats(25)
+                args.cprofile = False
+            if name == args.variants[0] and args.profile:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                         torch.profiler.ProfilerActivity.CPU]) as prof:
                     for _ in range(3):
@@ -48,6 +64,7 @@ def main() -> None:
                         tok = out.logits[:, -1:].argmax(-1)
                     torch.cuda.synchronize()
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+                args.profile = False
         times.sort()
         print(f"{args.fmt} {name}: median decode step {1e3 * times[len(times) // 2]:.2f} ms", flush=True)
         del cache, out

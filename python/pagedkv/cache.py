@@ -146,7 +146,9 @@ class PagedKVCache(Cache):
     blocks_per_chunk:
         Blocks added per growth step (default: about 32 MiB over the group's layers).
     check_finite:
-        Reject NaN/Inf key or value states with ``ValueError`` (one reduction per update).
+        Reject NaN/Inf key or value states with ``ValueError`` (one reduction per update; on a GPU it
+        also waits for the device once per layer, which costs decode speed where the host is the
+        bottleneck: ``benchmarks/RESULTS.md`` gives the measured cost).
     attn_implementation:
         ``"pagedkv"`` makes ``update`` return only the new full-precision tail for the fused
         ``"pagedkv"`` attention (which reads the pages directly); anything else returns dense K/V.
@@ -291,8 +293,13 @@ class PagedKVCache(Cache):
                 raise ValueError(f"key_states has batch size {key_states.shape[0]} but the cache holds "
                                  f"{self._batch_size} sequences")
         if self.check_finite:
-            # One pass over both on CPU (the per-call overhead of isfinite().all() adds up per layer).
-            if key_states.device.type == "cpu" and torch.ops.pagedkv.all_finite(key_states, value_states):
+            # One pass over both on CPU (the per-call overhead of isfinite().all() adds up per layer); on
+            # a GPU one reduction and one synchronization for both (the host waits for the GPU here, once
+            # per layer: check_finite=False lets decode run ahead of the device).
+            if key_states.device.type == "cpu":
+                if torch.ops.pagedkv.all_finite(key_states, value_states):
+                    return
+            elif bool(torch.isfinite(key_states).all() & torch.isfinite(value_states).all()):
                 return
             for name, t in (("key_states", key_states), ("value_states", value_states)):
                 if not bool(torch.isfinite(t).all()):
