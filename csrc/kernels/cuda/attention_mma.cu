@@ -240,11 +240,13 @@ __device__ __forceinline__ float token_scale(const PageLayout& L, const Tok& tk)
   return tk.ok && !tk.tail ? *reinterpret_cast<const float*>(tk.head + L.code_bytes + 4 * tk.off) : 1.0f;
 }
 
-// Three blocks per SM (two for head_dim 256): the kFold kernels spill a few registers at that bound,
-// and were measured slower at two blocks per SM without spills (H100, int4 / int2, 32k: 499 against
-// 421 us).
+// Three blocks per SM (two for head_dim 256 and for kTokenScale): the kFold kernels spill a few
+// registers at that bound, and were measured slower at two blocks per SM without spills (H100, int4 /
+// int2, 32k: 499 against 421 us); kTokenScale spills more at three (168 registers) and was measured
+// faster at two (H100, b8 32/8 d128 32k, one run: int8 426 us at two, 642 at four; 491 at three in
+// the run before).
 template <int D, Format F, typename T, Feed FD>
-__global__ void __launch_bounds__(kThreads, D == 256 ? 2 : 3) attention_mma_kernel(const __grid_constant__ KParams p) {
+__global__ void __launch_bounds__(kThreads, D == 256 || FD == Feed::kTokenScale ? 2 : 3) attention_mma_kernel(const __grid_constant__ KParams p) {
   constexpr int KS = D / 16;   // k-steps of Q K^T
   constexpr int NT = D / 8;    // n-tiles of P V
   constexpr int KCH = D / 32;  // 8-channel key chunks per lane: channels c D/4 + 8 j
