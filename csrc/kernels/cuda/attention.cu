@@ -431,9 +431,17 @@ void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, i
   const int64_t n = std::max<int64_t>(max_entries, 1);
   int64_t splits = forced_splits;
   if (splits <= 0) {
-    // The tensor-core kernel keeps 3 blocks per SM: aim at several waves so the last one is short.
-    const int64_t target = (mma ? 8 : 4) * static_cast<int64_t>(num_sms);
-    splits = std::max<int64_t>(1, (target + base - 1) / base);
+    // Several waves, so the last one is short; the tensor-core kernel aims at whole waves of its
+    // resident blocks (2 or 3 per SM) and rounds the splits down, so the grid never spills a few
+    // blocks into an extra wave (b8 x 8 heads at 2 per SM: 1024 blocks in 4 waves, not 1088 in 5).
+    int64_t target = (mma ? 8 : 4) * static_cast<int64_t>(num_sms);
+    if (mma) {
+      const int64_t wave = static_cast<int64_t>(attention_mma_blocks_per_sm(p)) * num_sms;
+      target = (target + wave - 1) / wave * wave;
+      splits = std::max<int64_t>(1, target / base);
+    } else {
+      splits = std::max<int64_t>(1, (target + base - 1) / base);
+    }
     splits = std::min(splits, std::max<int64_t>(1, n / 256));
   }
   int64_t split = (n + splits - 1) / splits;

@@ -236,6 +236,8 @@ inline DevView make_dev_view(const PagedView& v) {
 // for a grid of (num_splits, H x row_tiles of 16 rows, B).
 constexpr int kMmaRows = 16;
 bool attention_mma_supported(const AttentionParams& p);
+// Blocks per SM the tensor-core kernel is compiled for (its launch bound), for the split planner.
+int attention_mma_blocks_per_sm(const AttentionParams& p);
 cudaError_t attention_mma_launch(const attn::KParams& k, cudaStream_t stream);
 
 }  // namespace pagedkv

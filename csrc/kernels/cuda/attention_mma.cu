@@ -245,8 +245,10 @@ __device__ __forceinline__ float token_scale(const PageLayout& L, const Tok& tk)
 // int2, 32k: 499 against 421 us); kTokenScale spills more at three (168 registers) and was measured
 // faster at two (H100, b8 32/8 d128 32k, one run: int8 426 us at two, 642 at four; 491 at three in
 // the run before).
+constexpr int blocks_per_sm(int D, Feed FD) { return D == 256 || FD == Feed::kTokenScale ? 2 : 3; }
+
 template <int D, Format F, typename T, Feed FD>
-__global__ void __launch_bounds__(kThreads, D == 256 || FD == Feed::kTokenScale ? 2 : 3) attention_mma_kernel(const __grid_constant__ KParams p) {
+__global__ void __launch_bounds__(kThreads, blocks_per_sm(D, FD)) attention_mma_kernel(const __grid_constant__ KParams p) {
   constexpr int KS = D / 16;   // k-steps of Q K^T
   constexpr int NT = D / 8;    // n-tiles of P V
   constexpr int KCH = D / 32;  // 8-channel key chunks per lane: channels c D/4 + 8 j
@@ -782,6 +784,12 @@ bool attention_mma_supported(const AttentionParams& p) {
   const Format f = p.k.layout.format;
   return (p.dtype == DType::kBF16 || p.dtype == DType::kF16) && (D == 64 || D == 128 || D == 256) &&
          f == p.v.layout.format && f != Format::kFP32;
+}
+
+int attention_mma_blocks_per_sm(const AttentionParams& p) {
+  const Format f = p.k.layout.format;
+  const bool token_scale = f == Format::kInt8 || f == Format::kFP8E4M3;
+  return blocks_per_sm(static_cast<int>(p.head_dim()), token_scale ? Feed::kTokenScale : Feed::kPass);
 }
 
 cudaError_t attention_mma_launch(const KParams& k, cudaStream_t stream) {
