@@ -16,7 +16,7 @@
 // the reference rounds dequantized pages), packed in pairs and fed to the mma; int4 / int2 instead
 // take the folded-scale path (Feed::kFold below), which reorders each lane's key channels to the
 // order in which bit operations unpack them (pairs i, i + 4 of a word of nibbles) and fetches a
-// step's value words before its scores and the next step's key words one step ahead.
+// step's key and value words at the step's start (keys a step ahead were measured slower: registers).
 #include <cfloat>
 #include <climits>
 #include <type_traits>
@@ -377,24 +377,18 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(D, FD)) attention_mma_
     const int col = ((isk + st) >> bs_shift) - col0;
     return k_heads[col] != nullptr && v_heads[col] != nullptr;
   };
-  // Its key words (the lane's D / 4 channels of tokens st + g and st + 8 + g), loaded one step ahead.
+  // Its key words (the lane's D / 4 channels of tokens st + g and st + 8 + g).
   auto load_keys = [&](int st, uint32_t (&kw)[2][NWK]) {
     const int pos = isk + st;
     const uint8_t* kh = k_heads[(pos >> bs_shift) - col0] + (pos & ((1 << bs_shift) - 1)) * CBT;
 #pragma unroll
     for (int t = 0; t < 2; ++t) load_words<NWK>(kh + (8 * t + g) * CBT + c * (D / 4) * BITS / 8, kw[t]);
   };
-  uint32_t kw_next[2][NWK];
   bool fast_next = fast_step(w0);
-  if (FD == Feed::kFold && fast_next) load_keys(w0, kw_next);
 
   for (int st = w0; st < lim; st += kStep) {
     const bool fast = fast_next;
     uint32_t kw[2][NWK];
-#pragma unroll
-    for (int t = 0; t < 2; ++t)
-#pragma unroll
-      for (int i = 0; i < NWK; ++i) kw[t][i] = kw_next[t][i];
     const int pos0 = isk + st, scol = (pos0 >> bs_shift) - col0, off0 = pos0 & ((1 << bs_shift) - 1);
     const uint8_t* kh = fast ? k_heads[scol] : nullptr;
     const uint8_t* vh = fast ? v_heads[scol] : nullptr;
@@ -404,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(D, FD)) attention_mma_
     uint2 vw8[2][VG][2];  // kTokenScale: 8 codes per token and chunk
     float2 ks2[2], vs2[2];  // kTokenScale: key and value scales of tokens 2c, 2c + 1 (+ 8 t)
     if constexpr (kTS) {
-      // All of the step's loads at once (keys too: a step ahead spills at three blocks per SM).
+      // All of the step's loads at once.
       if (fast) {
         load_keys(st, kw);
 #pragma unroll
@@ -422,6 +416,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(D, FD)) attention_mma_
     }
     if constexpr (FD == Feed::kFold) {
       if (fast) {
+        load_keys(st, kw);
         const uint32_t* mz = reinterpret_cast<const uint32_t*>(vh + p.v.L.code_bytes);
 #pragma unroll
         for (int t = 0; t < 2; ++t) {
@@ -440,7 +435,6 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(D, FD)) attention_mma_
         }
       }
       fast_next = fast_step(st + kStep);
-      if (fast_next) load_keys(st + kStep, kw_next);
     }
     // Scores of tokens st .. st + 15 (two n-tiles of 8); this lane reads the keys of token st + 8 t + g.
     float sc[2][4];
