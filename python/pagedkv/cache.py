@@ -147,8 +147,8 @@ class PagedKVCache(Cache):
         Blocks added per growth step (default: about 32 MiB over the group's layers).
     check_finite:
         Reject NaN/Inf key or value states with ``ValueError`` (one reduction per update; on a GPU it
-        also waits for the device once per layer, which costs decode speed where the host is the
-        bottleneck: ``benchmarks/RESULTS.md`` gives the measured cost).
+        also waits for the device once per layer; on the H100 its decode cost was within the run-to-run
+        noise, see ``benchmarks/RESULTS.md``).
     attn_implementation:
         ``"pagedkv"`` makes ``update`` return only the new full-precision tail for the fused
         ``"pagedkv"`` attention (which reads the pages directly); anything else returns dense K/V.

@@ -122,7 +122,8 @@ PKV_HD void encode_token(const PageLayout& L, uint8_t* head, int64_t o, const fl
 }
 
 // Encodes the key group of tokens [o0, o0 + group) of one head: x[t * x_stride + d], t < group.
-// Per channel d: one fitted (scale, zero) for int4/int2 (asym_fit), one absmax code for nf4.
+// Per channel d: one (scale, zero) from asym_fit for int4/int2 (fitted at 2 bits, min/max at 4), one
+// absmax code for nf4.
 PKV_HD void encode_key_group(const PageLayout& L, uint8_t* head, int64_t o0, const float* x,
                              int64_t x_stride) {
   const int D = L.head_dim;

@@ -172,12 +172,12 @@ PKV_HD float asym_dequant(uint32_t code, float scale, float zero) {
 // min/max grid, alternate the codes given (scale, zero) (rounding) and (scale, zero) given the codes
 // (the linear least-squares fit, rounded to fp16 as stored), and keep the fit with the least squared
 // error. Each round can only lower the error, so the result is never worse than min/max; at 2 bits it
-// trims the range of groups whose extremes are rare (benchmarks/RESULTS.md, "int2 probe").
+// trims the range of groups whose extremes are rare (benchmarks/RESULTS.md, "Session 7: fitted 2-bit
+// keys").
 // Every operation is a plain fp32 add, multiply or divide in a fixed order (no contraction: the host
 // build uses -ffp-contract=off, the CUDA append --fmad=false), which pagedkv.reference repeats bit for
 // bit.
-// Only 2-bit keys are fitted: at 4 bits the min/max grid measured better (the fit trims extremes that
-// the scores need more than the error it saves).
+// Only 2-bit keys are fitted: at 4 bits the min/max grid measured better in the same probe.
 constexpr int kAsymFitRounds = 12;
 PKV_HD int asym_fit_rounds(int bits) { return bits == 2 ? kAsymFitRounds : 0; }
 
