@@ -181,14 +181,27 @@ PKV_HD float asym_dequant(uint32_t code, float scale, float zero) {
 constexpr int kAsymFitRounds = 12;
 PKV_HD int asym_fit_rounds(int bits) { return bits == 2 ? kAsymFitRounds : 0; }
 
-PKV_HD float asym_sse(const float* x, int64_t stride, int n, const AsymParams& p, int bits) {
-  float e = 0.0f;
+// One pass over a group under (scale, zero): its squared error and the sums the next fit needs.
+struct AsymPass {
+  float e = 0.0f, sc = 0.0f, sx = 0.0f, scc = 0.0f, scx = 0.0f;
+};
+PKV_HD AsymPass asym_pass(const float* x, int64_t stride, int n, const AsymParams& p, int bits) {
+  AsymPass r;
   for (int t = 0; t < n; ++t) {
     const float v = x[t * stride];
-    const float d = asym_dequant(asym_code(v, p.scale, p.zero, bits), p.scale, p.zero) - v;
-    e += d * d;
+    const uint32_t code = asym_code(v, p.scale, p.zero, bits);
+    const float d = asym_dequant(code, p.scale, p.zero) - v;
+    const float c = static_cast<float>(code);
+    r.e += d * d;
+    r.sc += c;
+    r.sx += v;
+    r.scc += c * c;
+    r.scx += c * v;
   }
-  return e;
+  return r;
+}
+PKV_HD float asym_sse(const float* x, int64_t stride, int n, const AsymParams& p, int bits) {
+  return asym_pass(x, stride, n, p, bits).e;
 }
 
 PKV_HD AsymParams asym_fit(const float* x, int64_t stride, int n, int bits) {
@@ -198,27 +211,20 @@ PKV_HD AsymParams asym_fit(const float* x, int64_t stride, int n, int bits) {
     mx = fmaxf(mx, x[t * stride]);
   }
   AsymParams best = asym_params(mn, mx, bits);
-  float best_e = asym_sse(x, stride, n, best, bits);
+  const int rounds = asym_fit_rounds(bits);
+  if (rounds == 0) return best;
+  AsymPass cur = asym_pass(x, stride, n, best, bits);
   const float fn = static_cast<float>(n);
-  for (int r = 0; r < asym_fit_rounds(bits); ++r) {
-    float sc = 0.0f, sx = 0.0f, scc = 0.0f, scx = 0.0f;
-    for (int t = 0; t < n; ++t) {
-      const float v = x[t * stride];
-      const float c = static_cast<float>(asym_code(v, best.scale, best.zero, bits));
-      sc += c;
-      sx += v;
-      scc += c * c;
-      scx += c * v;
-    }
-    const float det = fn * scc - sc * sc;
+  for (int r = 0; r < rounds; ++r) {
+    const float det = fn * cur.scc - cur.sc * cur.sc;
     if (!(det > 0.0f)) break;  // one code for the whole group: nothing to fit
-    const float scale = (fn * scx - sc * sx) / det;
+    const float scale = (fn * cur.scx - cur.sc * cur.sx) / det;
     if (!(scale > 0.0f)) break;
-    const AsymParams p = asym_stored(scale, (sx - scale * sc) / fn);
-    const float e = asym_sse(x, stride, n, p, bits);
-    if (!(e < best_e)) break;
+    const AsymParams p = asym_stored(scale, (cur.sx - scale * cur.sc) / fn);
+    const AsymPass next = asym_pass(x, stride, n, p, bits);
+    if (!(next.e < cur.e)) break;
     best = p;
-    best_e = e;
+    cur = next;
   }
   return best;
 }
