@@ -47,26 +47,26 @@ def _asym(x: torch.Tensor, dim: int, bits: int, fit: bool = False) -> torch.Tens
         n = x.shape[dim]
         xs = [x.narrow(dim, t, 1) for t in range(n)]
 
-        def sse(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            e = torch.zeros_like(s)
-            for v in xs:
-                d = _codes(v, s, z, qmax) * s + z - v
-                e = e + d * d
-            return e
-
-        best_e = sse(s, z)
-        active = torch.ones_like(s, dtype=torch.bool)
-        for _ in range(ASYM_FIT_ROUNDS):
-            sc, sx, scc, scx = (torch.zeros_like(s) for _ in range(4))
+        def one_pass(s: torch.Tensor, z: torch.Tensor) -> list[torch.Tensor]:
+            """asym_pass: the squared error under (s, z) and the sums of the next fit, token by token."""
+            e, sc, sx, scc, scx = (torch.zeros_like(s) for _ in range(5))
             for v in xs:
                 c = _codes(v, s, z, qmax)
-                sc, sx, scc, scx = sc + c, sx + v, scc + c * c, scx + c * v
+                d = c * s + z - v
+                e, sc, sx, scc, scx = e + d * d, sc + c, sx + v, scc + c * c, scx + c * v
+            return [e, sc, sx, scc, scx]
+
+        cur = one_pass(s, z)
+        active = torch.ones_like(s, dtype=torch.bool)
+        for _ in range(ASYM_FIT_ROUNDS):
+            e, sc, sx, scc, scx = cur
             det = n * scc - sc * sc
             scale = (n * scx - sc * sx) / torch.where(det > 0, det, torch.ones_like(det))
             s2, z2 = _stored(scale, (sx - scale * sc) / n)
-            e = sse(s2, z2)
-            active = active & (det > 0) & (scale > 0) & (e < best_e)
-            s, z, best_e = torch.where(active, s2, s), torch.where(active, z2, z), torch.where(active, e, best_e)
+            nxt = one_pass(s2, z2)
+            active = active & (det > 0) & (scale > 0) & (nxt[0] < e)
+            s, z = torch.where(active, s2, s), torch.where(active, z2, z)
+            cur = [torch.where(active, a, b) for a, b in zip(nxt, cur)]
             if not bool(active.any()):
                 break
     return _codes(x, s, z, qmax) * s + z

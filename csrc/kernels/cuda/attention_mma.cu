@@ -243,8 +243,8 @@ __device__ __forceinline__ float token_scale(const PageLayout& L, const Tok& tk)
 // Three blocks per SM (two for head_dim 256 and for kTokenScale): the kFold kernels spill a few
 // registers at that bound, and were measured slower at two blocks per SM without spills (H100, int4 /
 // int2, 32k: 499 against 421 us); kTokenScale spills more at three (168 registers) and was measured
-// faster at two (H100, b8 32/8 d128 32k, one run: int8 426 us at two, 642 at four; 491 at three in
-// the run before).
+// faster at two (H100, b8 32/8 d128 32k, int8 against SDPA in the same run: 0.88x at two, 0.61x at
+// four, 0.82x at three in session 6; benchmarks/RESULTS.md).
 constexpr int blocks_per_sm(int D, Feed FD) { return D == 256 || FD == Feed::kTokenScale ? 2 : 3; }
 
 template <int D, Format F, typename T, Feed FD>
