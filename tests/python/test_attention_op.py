@@ -99,6 +99,7 @@ def test_half_precision_query_and_tail(device, dtype):
 HALF_CASES = [  # head_dim, gqa, query tokens, window, softcap, masked
     (64, 1, 1, 0, 0.0, False), (128, 4, 1, 0, 0.0, False), (256, 8, 1, 0, 0.0, False),
     (128, 4, 3, 40, 0.0, True), (64, 8, 5, 0, 4.0, False),
+    (128, 2, 3, 40, 3.0, True), (64, 1, 1, 30, 0.0, True),  # at most 8 rows: the swapped-operand kernel
 ]
 
 

@@ -436,7 +436,8 @@ void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, i
     // blocks into an extra wave (b8 x 8 heads at 2 per SM: 1024 blocks in 4 waves, not 1088 in 5).
     int64_t target = (mma ? 8 : 4) * static_cast<int64_t>(num_sms);
     if (mma) {
-      const int64_t wave = static_cast<int64_t>(attention_mma_blocks_per_sm(p)) * num_sms;
+      const int per_sm = attention_decode_supported(p) ? attention_decode_blocks_per_sm(p) : attention_mma_blocks_per_sm(p);
+      const int64_t wave = static_cast<int64_t>(per_sm) * num_sms;
       target = (target + wave - 1) / wave * wave;
       splits = std::max<int64_t>(1, target / base);
     } else {
@@ -495,7 +496,10 @@ cudaError_t paged_attention_cuda(const AttentionParams& p, const float* query_f3
   k.pml = p.partial_ml;
   k.out = p.out;
   const int D = static_cast<int>(p.head_dim());
-  if (use_mma(p)) {
+  if (use_mma(p) && attention_decode_supported(p)) {
+    k.row_tiles = 1;
+    PKV_CUDA_TRY(attention_decode_launch(k, stream));
+  } else if (use_mma(p)) {
     k.row_tiles = static_cast<int32_t>((k.rows + kMmaRows - 1) / kMmaRows);
     PKV_CUDA_TRY(attention_mma_launch(k, stream));
   } else if (fast_path(p)) {

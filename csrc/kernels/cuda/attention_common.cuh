@@ -239,5 +239,11 @@ bool attention_mma_supported(const AttentionParams& p);
 // Blocks per SM the tensor-core kernel is compiled for (its launch bound), for the split planner.
 int attention_mma_blocks_per_sm(const AttentionParams& p);
 cudaError_t attention_mma_launch(const attn::KParams& k, cudaStream_t stream);
+// The swapped-operand decode kernel (attention_decode.cu): the tensor-core kernel's cases with at most
+// 8 query rows per KV head and a fast feed (16-bit pages up to head_dim 128, int8, fp8, int4 / int2 with
+// key groups >= 16 and value groups >= 8), block sizes >= 16; grid (num_splits, H, B).
+bool attention_decode_supported(const AttentionParams& p);
+int attention_decode_blocks_per_sm(const AttentionParams& p);
+cudaError_t attention_decode_launch(const attn::KParams& k, cudaStream_t stream);
 
 }  // namespace pagedkv

@@ -1,0 +1,504 @@
+// Tensor-core decode attention with swapped operands: the step's 16 tokens are the M side of the
+// mma.sync m16n8k16 and the query rows of one KV head (query group x query tokens, at most 8) its
+// N side, so no M row is padding (attention_mma.cu puts the rows on M and pads a group of 4 to 16):
+// half the mmas, half the accumulator registers and half the exponentials per token.
+//
+//   S^T = K Q^T: A = 16 tokens x 16 channels of keys, B = Q^T (16 channels x 8 rows), C = tokens x rows.
+//   O^T = V^T P^T: A = 16 channels x 16 tokens of values, B = P^T (16 tokens x 8 rows), C = channels x rows.
+//
+// The score fragment (lane: tokens g, g + 8, rows 2c, 2c + 1) becomes the B fragment of P^T (lane:
+// tokens 2c, 2c + 1, 2c + 8, 2c + 9, row g) by two 8 x 8 register transposes (movmatrix). Channel
+// orders are free where they are summed over: a lane (g = lane / 4, c = lane % 4) reads the keys of
+// tokens g and g + 8 over its quarter of the channels, [c D/4, (c + 1) D/4), in the order its feed
+// unpacks them (key_channel), and the values of tokens 2c, 2c + 1, 2c + 8, 2c + 9 over its eighth,
+// [g D/8, (g + 1) D/8), m-tile mt holding channels g D/8 + 2 mt (row g) and + 1 (row g + 8). Codes
+// reach the mma as in attention_mma.cu (mma_feed.cuh): 16-bit pages as stored, int8 / fp8 as unscaled
+// codes with the token scales on the score and the probability, int4 / int2 with the key group's
+// scale folded into the query. Grid (split, KV head, sequence), 4 warps each walking a contiguous run
+// of aligned 16-token steps with its own online softmax (base-2 exponentials), merged in shared memory;
+// partial results go to the merge kernel (attention.cu).
+#include <climits>
+#include <type_traits>
+
+#include "cuda/mma_feed.cuh"
+
+namespace pagedkv {
+namespace {
+
+using namespace attn;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRows = 8;  // the mma's N: query rows of one KV head
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+template <Format F, Feed FD>
+constexpr int bits_of() {
+  return FD == Feed::kPass ? 16 : FD == Feed::kTokenScale ? 8 : F == Format::kInt2 ? 2 : 4;
+}
+
+// Lane-relative key channel of k-step kk, B-fragment slot sl (0, 1: b0 low / high; 2, 3: b1): 16-bit
+// and 8-bit codes in storage order; int4 / int2 in unpack_pairs order (pairs i, i + PW / 2 of a word of
+// PW codes, a word feeding PW / 4 k-steps).
+template <Feed FD, int PW>
+__device__ __forceinline__ constexpr int key_channel(int kk, int sl) {
+  if constexpr (FD == Feed::kFold) {
+    const int x = PW * (kk / (PW / 4)) + 2 * (kk % (PW / 4));
+    return sl == 0 ? x : sl == 1 ? x + PW / 2 : sl == 2 ? x + 1 : x + 1 + PW / 2;
+  } else {
+    return 4 * kk + sl;
+  }
+}
+
+// Registers per SM allow four blocks of 128 threads at 128 registers; head_dim 256 holds twice the
+// accumulators and query fragments.
+constexpr int decode_blocks_per_sm(int D) { return D == 256 ? 2 : 4; }
+
+template <int D, Format F, typename T, Feed FD>
+__global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_decode_kernel(const __grid_constant__ KParams p) {
+  constexpr int KS = D / 16;   // k-steps of S^T and m-tiles of O^T
+  constexpr int LK = D / 4;    // key channels per lane
+  constexpr int LV = D / 8;    // value channels per lane
+  constexpr int VCH = LV / 8;  // 8-channel value chunks per lane and token (>= 1: D >= 64)
+  constexpr int BITS = bits_of<F, FD>();
+  constexpr bool kTS = FD == Feed::kTokenScale, kFold = FD == Feed::kFold;
+  constexpr int PW = kFold ? 32 / BITS : 4;  // codes per unpacked key unit
+  constexpr int KPW = PW / 4;                // k-steps per unit
+  constexpr int GW = PW > 8 ? PW : 8;        // generic steps: key channels loaded together
+  constexpr int KW = LK * BITS / 32;         // key words per lane and token
+  constexpr int VB = LV * BITS / 8;          // value bytes per lane and token
+  constexpr int VW = VB >= 4 ? VB / 4 : 1;
+  constexpr int CBT = LK * 4 * BITS / 8;     // code bytes per token
+  constexpr int QS = D + 4;                  // fp32 query row stride (kFold)
+  using TK = std::conditional_t<kTS, __half, T>;            // the S^T mma's type
+  using TV = std::conditional_t<kTS || kFold, __half, T>;   // the O^T mma's type
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint2* sq = reinterpret_cast<uint2*>(smem);                // [KS][32] query B fragments (unfolded)
+  float* so = reinterpret_cast<float*>(smem + KS * 32 * 8);  // [kWarps][kRows][D] warp accumulators
+  float* sml = so + kWarps * kRows * D;                      // [kWarps][kRows][2] warp (max, sum)
+  float* sqf = sml + kWarps * kRows * 2;                     // [kRows][QS] fp32 query rows (kFold)
+  __shared__ int row_lo[kRows], row_hi[kRows];
+  __shared__ const uint8_t* k_heads[kMaxSplitBlocks];
+  __shared__ const uint8_t* v_heads[kMaxSplitBlocks];
+
+  const int split = blockIdx.x, h = blockIdx.y, s = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int64_t plen = p.lens[s];
+  const int64_t skip = p.skip ? p.skip[s] : 0;
+  const int64_t n = plen + p.tail_len;
+  if (tid < kRows) {
+    int lo = INT_MAX, hi = -1;  // rows past p.rows (padding) attend nothing
+    if (tid < p.rows) {
+      int64_t lo64, hi64;
+      row_window(p, n, tid, lo64, hi64);
+      lo = static_cast<int>(lo64);
+      hi = static_cast<int>(hi64);
+    }
+    row_lo[tid] = lo;
+    row_hi[tid] = hi;
+  }
+  for (int idx = tid; idx < KS * 32; idx += kThreads) {
+    const int kk = idx >> 5, r = (idx & 31) >> 2, base = (idx & 3) * LK;
+    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (r < p.rows) {
+      const float* q = query_row(p, s, h, r, D) + base;
+#pragma unroll
+      for (int sl = 0; sl < 4; ++sl) x[sl] = q[key_channel<FD, PW>(kk, sl)];
+    }
+    sq[idx] = make_uint2(pack2<TK>(x[0], x[1]), pack2<TK>(x[2], x[3]));
+  }
+  if constexpr (kFold) {
+    for (int idx = tid; idx < kRows * D; idx += kThreads) {
+      const int r = idx / D, d = idx % D;
+      sqf[r * QS + d] = r < p.rows ? query_row(p, s, h, r, D)[d] : 0.0f;
+    }
+  }
+  __syncthreads();
+  // The lane's query fragments (row g): unfolded for 16- and 8-bit codes, q' = q * key scale for kFold
+  // (filled at the first fast step of each key group).
+  uint32_t qa[KS][2];
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    const uint2 u = sq[kk * 32 + lane];
+    qa[kk][0] = u.x;
+    qa[kk][1] = u.y;
+  }
+  // Per-row score offsets of the lane's rows 2c and 2c + 1: int8 fast steps see keys as 1152 + code
+  // (-1152 sum(q)); kFold the folded zero minus the magic offset's share (set with q').
+  float kb[2] = {0.0f, 0.0f};
+  if constexpr (kTS && F == Format::kInt8) {
+    float t = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      const float2 a = __half22float2(as_h2(qa[kk][0])), b = __half22float2(as_h2(qa[kk][1]));
+      t += (a.x + a.y) + (b.x + b.y);
+    }
+    t += __shfl_xor_sync(0xffffffffu, t, 1);
+    t += __shfl_xor_sync(0xffffffffu, t, 2);
+    kb[0] = -1152.0f * __shfl_sync(0xffffffffu, t, 8 * c);
+    kb[1] = -1152.0f * __shfl_sync(0xffffffffu, t, 8 * c + 4);
+  }
+  int lo_all = INT_MAX, hi_all = -1, lo_max = -1, hi_min = INT_MAX;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    lo_all = min(lo_all, row_lo[r]);
+    hi_all = max(hi_all, row_hi[r]);
+    if (r < p.rows) {
+      lo_max = max(lo_max, row_lo[r]);
+      hi_min = min(hi_min, row_hi[r]);
+    }
+  }
+  int64_t e0, e1;
+  split_range(p, split, n, lo_all, hi_all, e0, e1);
+  const int64_t len = max(e1 - e0, static_cast<int64_t>(0));
+  const uint8_t* mask = p.mask ? p.mask + s * p.mask_stride + p.mask_offset : nullptr;
+  const int mask_n = static_cast<int>(min(p.mask_len - p.mask_offset, static_cast<int64_t>(1) << 30));
+  const int bs_shift = __ffs(p.k.L.block_size) - 1, bmask = (1 << bs_shift) - 1;
+  const int col0 = static_cast<int>((skip + e0) >> bs_shift);
+  const int ncols = len > 0 ? static_cast<int>((skip + e1 - 1) >> bs_shift) - col0 + 1 : 0;
+  split_heads(p, s, h, col0, ncols, k_heads, v_heads, tid, kThreads);
+  __syncthreads();
+  const Split sp{k_heads, v_heads, col0, bs_shift, bmask, static_cast<int>(plen), static_cast<int>(skip)};
+  const int lo_r[2] = {row_lo[2 * c], row_lo[2 * c + 1]}, hi_r[2] = {row_hi[2 * c], row_hi[2 * c + 1]};
+  // Each warp takes a contiguous run of 16-token steps aligned to positions that are multiples of 16,
+  // so a whole step lies in one block (and one key group).
+  const int ie0 = static_cast<int>(e0), ie1 = ie0 + static_cast<int>(len), isk = static_cast<int>(skip);
+  const int a0 = len > 0 ? ie0 - ((isk + ie0) & 15) : ie0;
+  const int per_warp = (ie1 - a0 + kStep * kWarps - 1) / (kStep * kWarps) * kStep;
+  const int w0 = a0 + warp * per_warp, lim = min(w0 + per_warp, ie1), wlo = max(w0, ie0);
+  const int kg_shift = __ffs(p.k.L.group) - 1, vg_shift = __ffs(p.v.L.group) - 1;
+  // Fast steps with no masking: inside every row's window, no key mask.
+  const int clean_lo = max(wlo, lo_max), clean_hi = min(lim, hi_min + 1);
+  const bool softcap = p.softcap > 0.0f;
+  const float qk_scale = softcap ? p.scale : p.scale * kLog2e;
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows 2c, 2c + 1 (base-2 maxima)
+  float o[KS][4];
+#pragma unroll
+  for (int t = 0; t < KS; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
+  int cur_col = -1, cur_grp = -1;  // kFold: the (column, key group) whose q' the lane holds
+
+  for (int st = w0; st < lim; st += kStep) {
+    const int pos0 = isk + st, scol = (pos0 >> bs_shift) - col0, off0 = pos0 & bmask;
+    const uint8_t* kh = st >= wlo && st + kStep <= lim && st + kStep <= plen ? k_heads[scol] : nullptr;
+    const uint8_t* vh = kh != nullptr ? v_heads[scol] : nullptr;
+    const bool fast = vh != nullptr;  // whole step in the warp's range and in one existing block
+    const bool clean = fast && mask == nullptr && st >= clean_lo && st + kStep <= clean_hi;
+    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
+    float ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};  // kTS: scales of tokens g, g + 8
+    uint32_t vr[2][LV];  // value pairs (tokens 2c + 8 P, 2c + 8 P + 1) of the lane's channels
+    bool tok_ok[2] = {true, true};
+    if (fast) {
+      // Every load of the step first: keys of tokens g, g + 8; values of 2c, 2c + 1, 2c + 8, 2c + 9.
+      uint32_t kw[2][KW], vw[4][VW], vm[4][VCH];
+#pragma unroll
+      for (int t = 0; t < 2; ++t) load_words<KW>(kh + (off0 + 8 * t + g) * CBT + c * (LK * BITS / 8), kw[t]);
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const int o4 = off0 + 2 * c + (t & 1) + 8 * (t >> 1);
+        const uint8_t* row = vh + o4 * CBT + g * VB;
+        if constexpr (VB >= 4) load_words<VW>(row, vw[t]);
+        else vw[t][0] = *reinterpret_cast<const uint16_t*>(row);
+        if constexpr (kFold) {
+          const uint32_t* mz = reinterpret_cast<const uint32_t*>(vh + p.v.L.code_bytes);
+#pragma unroll
+          for (int q = 0; q < VCH; ++q) vm[t][q] = mz[(o4 * D + g * LV + 8 * q) >> vg_shift];
+        }
+      }
+      if constexpr (kTS) {
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          ks[t] = *reinterpret_cast<const float*>(kh + p.k.L.code_bytes + 4 * (off0 + 8 * t + g));
+          vs[t] = *reinterpret_cast<const float*>(vh + p.v.L.code_bytes + 4 * (off0 + 8 * t + g));
+        }
+      }
+      if constexpr (kFold) {
+        const int grp = off0 >> kg_shift;
+        if (scol != cur_col || grp != cur_grp) {
+          // q' = q * scale (rounded to the model dtype) and the bias q . zero - magic sum(q').
+          const uint32_t* sz = reinterpret_cast<const uint32_t*>(kh + p.k.L.code_bytes) + grp * D + c * LK;
+          const float* qr = sqf + g * QS + c * LK;
+          float b = 0.0f;
+#pragma unroll
+          for (int kk = 0; kk < KS; ++kk) {
+            float r[4];
+#pragma unroll
+            for (int sl = 0; sl < 4; ++sl) {
+              const int ch = key_channel<FD, PW>(kk, sl);
+              const float2 f = __half22float2(as_h2(sz[ch]));  // (scale, zero)
+              r[sl] = round_t<T>(qr[ch] * f.x);
+              b += qr[ch] * f.y - kMagic<T> * r[sl];
+            }
+            qa[kk][0] = pack2<T>(r[0], r[1]);
+            qa[kk][1] = pack2<T>(r[2], r[3]);
+          }
+          b += __shfl_xor_sync(0xffffffffu, b, 1);
+          b += __shfl_xor_sync(0xffffffffu, b, 2);
+          kb[0] = __shfl_sync(0xffffffffu, b, 8 * c);
+          kb[1] = __shfl_sync(0xffffffffu, b, 8 * c + 4);
+          cur_col = scol;
+          cur_grp = grp;
+        }
+      }
+      // S^T for the 16 tokens.
+      if constexpr (FD == Feed::kPass) {
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk)
+          mma<TK>(sc, make_uint4(kw[0][2 * kk], kw[1][2 * kk], kw[0][2 * kk + 1], kw[1][2 * kk + 1]), qa[kk][0], qa[kk][1]);
+      } else if constexpr (kTS) {
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+          uint32_t a0, a1, a2, a3;
+          key_word<F>(kw[0][kk], a0, a2);
+          key_word<F>(kw[1][kk], a1, a3);
+          mma<TK>(sc, make_uint4(a0, a1, a2, a3), qa[kk][0], qa[kk][1]);
+        }
+      } else {
+#pragma unroll
+        for (int jw = 0; jw < KW; ++jw) {
+          uint32_t ra[PW / 2], rb[PW / 2];
+          unpack_pairs<BITS, T>(kw[0][jw], ra);
+          unpack_pairs<BITS, T>(kw[1][jw], rb);
+#pragma unroll
+          for (int u = 0; u < KPW; ++u)
+            mma<TK>(sc, make_uint4(ra[2 * u], rb[2 * u], ra[2 * u + 1], rb[2 * u + 1]), qa[KPW * jw + u][0],
+                    qa[KPW * jw + u][1]);
+        }
+      }
+      if constexpr (kTS || kFold) {
+        sc[0] += kb[0];
+        sc[1] += kb[1];
+        sc[2] += kb[0];
+        sc[3] += kb[1];
+      }
+      // Values as (token a, token b) pairs of one channel, the A-fragment order.
+#pragma unroll
+      for (int P = 0; P < 2; ++P) {
+        const uint32_t* wa = vw[2 * P];
+        const uint32_t* wb = vw[2 * P + 1];
+        if constexpr (FD == Feed::kPass) {
+#pragma unroll
+          for (int i = 0; i < VW; ++i) {
+            vr[P][2 * i] = __byte_perm(wa[i], wb[i], 0x5410);
+            vr[P][2 * i + 1] = __byte_perm(wa[i], wb[i], 0x7632);
+          }
+        } else if constexpr (kTS) {
+#pragma unroll
+          for (int i = 0; i < VW; ++i) value_words<F>(wa[i], wb[i], &vr[P][4 * i]);
+        } else {
+          const __half2 magic = as_h2(0x64006400u);
+#pragma unroll
+          for (int q = 0; q < VCH; ++q) {
+            const uint32_t ma = vm[2 * P][q], mb = vm[2 * P + 1][q];
+            const __half2 sc2 = as_h2(__byte_perm(ma, mb, 0x5410)), zr2 = as_h2(__byte_perm(ma, mb, 0x7632));
+            uint32_t r[8];
+            if constexpr (BITS == 4) {
+              unpack_pairs<4, __half>(__byte_perm(wa[q], wb[q], 0x5410), r);      // channels 0..3
+              unpack_pairs<4, __half>(__byte_perm(wa[q], wb[q], 0x7632), r + 4);  // channels 4..7
+            } else {
+              unpack_pairs<2, __half>(__byte_perm(wa[q / 2], wb[q / 2], q % 2 ? 0x7632 : 0x5410), r);
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i) vr[P][8 * q + i] = h2_bits(__hfma2(__hsub2(as_h2(r[i]), magic), sc2, zr2));
+          }
+        }
+      }
+    } else {
+      // Generic step: entries one by one (block edges, the dense tail, absent blocks), dequantized in
+      // fp32 and rounded; scores against the unfolded query.
+      Tok kt[2], vt[2];
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        kt[t] = sp.at(st + 8 * t + g, wlo, lim, &vt[t]);
+        tok_ok[t] = kt[t].ok;
+        if constexpr (kTS) {
+          ks[t] = token_scale(p.k.L, kt[t]);
+          vs[t] = token_scale(p.v.L, vt[t]);
+        }
+      }
+#pragma unroll
+      for (int u0 = 0; u0 < LK / GW; ++u0) {
+        float xa[GW], xb[GW];
+#pragma unroll
+        for (int i = 0; i < GW / 8; ++i) {
+          const int c0 = c * LK + GW * u0 + 8 * i;
+          entry8<F, Role::kKey, FD>(p, p.k.L, kt[0], p.kt, p.kts, s, h, c0, nullptr, xa + 8 * i);
+          entry8<F, Role::kKey, FD>(p, p.k.L, kt[1], p.kt, p.kts, s, h, c0, nullptr, xb + 8 * i);
+        }
+#pragma unroll
+        for (int v = 0; v < GW / 4; ++v) {
+          const int kk = u0 * (GW / 4) + v;
+          int ch[4];
+#pragma unroll
+          for (int sl = 0; sl < 4; ++sl) ch[sl] = key_channel<FD, PW>(kk, sl) - GW * u0;
+          const uint2 b = sq[kk * 32 + lane];
+          mma<TK>(sc, make_uint4(pack2<TK>(xa[ch[0]], xa[ch[1]]), pack2<TK>(xb[ch[0]], xb[ch[1]]),
+                                 pack2<TK>(xa[ch[2]], xa[ch[3]]), pack2<TK>(xb[ch[2]], xb[ch[3]])), b.x, b.y);
+        }
+      }
+#pragma unroll
+      for (int P = 0; P < 2; ++P) {
+        Tok ta, tb;
+        sp.at(st + 8 * P + 2 * c, wlo, lim, &ta);
+        sp.at(st + 8 * P + 2 * c + 1, wlo, lim, &tb);
+#pragma unroll
+        for (int q = 0; q < VCH; ++q) {
+          float xa[8], xb[8];
+          entry8<F, Role::kValue, FD>(p, p.v.L, ta, p.vt, p.vts, s, h, g * LV + 8 * q, nullptr, xa);
+          entry8<F, Role::kValue, FD>(p, p.v.L, tb, p.vt, p.vts, s, h, g * LV + 8 * q, nullptr, xb);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) vr[P][8 * q + i] = pack2<TV>(xa[i], xb[i]);
+        }
+      }
+    }
+    // Scale, cap, mask (base-2 logits); online softmax per row over the 16 tokens (lanes g = 0..7).
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v = sc[i] * qk_scale * ks[i >> 1];
+      if (softcap) v = p.softcap * tanhf(v / p.softcap) * kLog2e;
+      if (!clean) {
+        const int e = st + 8 * (i >> 1) + g;
+        const bool ok = tok_ok[i >> 1] && e >= lo_r[i & 1] && e <= hi_r[i & 1] &&
+                        (mask == nullptr || e >= mask_n || mask[e] != 0);
+        if (!ok) v = -INFINITY;
+      }
+      sc[i] = v;
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = fmaxf(sc[r], sc[2 + r]);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      const float mn = fmaxf(m[r], mx);
+      alpha[r] = mn == -INFINITY ? 1.0f : exp2f(m[r] - mn);
+      m[r] = mn;
+      const float p0 = mn == -INFINITY ? 0.0f : exp2f(sc[r] - mn), p1 = mn == -INFINITY ? 0.0f : exp2f(sc[2 + r] - mn);
+      l[r] = l[r] * alpha[r] + (p0 + p1);
+      sc[r] = p0;
+      sc[2 + r] = p1;
+    }
+    if (alpha[0] != 1.0f || alpha[1] != 1.0f) {  // the running maxima rarely move late in a long sequence
+#pragma unroll
+      for (int t = 0; t < KS; ++t) {
+        o[t][0] *= alpha[0];
+        o[t][1] *= alpha[1];
+        o[t][2] *= alpha[0];
+        o[t][3] *= alpha[1];
+      }
+    }
+    // P^T as the B fragment (times the value scale for kTS: P diag(s) codes = P V).
+    const uint32_t b0 = transpose8x8(pack2<TV>(sc[0] * vs[0], sc[1] * vs[0]));
+    const uint32_t b1 = transpose8x8(pack2<TV>(sc[2] * vs[1], sc[3] * vs[1]));
+#pragma unroll
+    for (int t = 0; t < KS; ++t) mma<TV>(o[t], make_uint4(vr[0][2 * t], vr[0][2 * t + 1], vr[1][2 * t], vr[1][2 * t + 1]), b0, b1);
+  }
+
+  // Merge the warps: full row sums, then each warp's state to shared memory (maxima back to base e).
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int d = 4; d <= 16; d <<= 1) l[r] += __shfl_xor_sync(0xffffffffu, l[r], d);
+  float* ow = so + warp * kRows * D;
+#pragma unroll
+  for (int t = 0; t < KS; ++t) {
+    const int ch = g * LV + 2 * t;
+    *reinterpret_cast<float2*>(ow + (2 * c) * D + ch) = make_float2(o[t][0], o[t][2]);
+    *reinterpret_cast<float2*>(ow + (2 * c + 1) * D + ch) = make_float2(o[t][1], o[t][3]);
+  }
+  if (g == 0) {
+    float* mlw = sml + warp * kRows * 2;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mlw[2 * (2 * c + r)] = m[r] == -INFINITY ? -INFINITY : m[r] / kLog2e;
+      mlw[2 * (2 * c + r) + 1] = l[r];
+    }
+  }
+  __syncthreads();
+  const int64_t base = (static_cast<int64_t>(s) * p.H + h) * p.num_splits + split;
+  for (int w = tid; w < p.rows * D; w += kThreads) {
+    const int r = w / D, d = w % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < kWarps; ++k) mx = fmaxf(mx, sml[k * kRows * 2 + 2 * r]);
+    float acc = 0.0f, sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kWarps; ++k) {
+      const float mk = sml[k * kRows * 2 + 2 * r];
+      if (mk == -INFINITY) continue;
+      const float f = __expf(mk - mx);
+      acc += f * so[(k * kRows + r) * D + d];
+      sum += f * sml[k * kRows * 2 + 2 * r + 1];
+    }
+    p.pacc[(base * p.rows + r) * D + d] = acc;
+    if (d == 0) {
+      p.pml[(base * p.rows + r) * 2] = mx;
+      p.pml[(base * p.rows + r) * 2 + 1] = sum;
+    }
+  }
+}
+
+template <int D, Format F, typename T, Feed FD>
+cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
+  const size_t smem = (D / 16) * 32 * 8 + sizeof(float) * (kWarps * kRows * (D + 2) + (FD == Feed::kFold ? kRows * (D + 4) : 0));
+  PKV_CUDA_TRY(cudaFuncSetAttribute(attention_decode_kernel<D, F, T, FD>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  attention_decode_kernel<D, F, T, FD><<<grid, kThreads, smem, stream>>>(k);
+  return cudaGetLastError();
+}
+
+template <int D, typename T>
+cudaError_t launch_format(const KParams& k, dim3 grid, cudaStream_t stream) {
+  switch (k.k.L.format) {
+    case Format::kBF16:
+      if constexpr (D <= 128 && std::is_same_v<T, __nv_bfloat16>) return launch<D, Format::kBF16, T, Feed::kPass>(k, grid, stream);
+      return cudaErrorInvalidValue;
+    case Format::kFP16:
+      if constexpr (D <= 128 && std::is_same_v<T, __half>) return launch<D, Format::kFP16, T, Feed::kPass>(k, grid, stream);
+      return cudaErrorInvalidValue;
+    case Format::kFP8E4M3: return launch<D, Format::kFP8E4M3, T, Feed::kTokenScale>(k, grid, stream);
+    case Format::kInt8: return launch<D, Format::kInt8, T, Feed::kTokenScale>(k, grid, stream);
+    case Format::kInt4: return launch<D, Format::kInt4, T, Feed::kFold>(k, grid, stream);
+    case Format::kInt2: return launch<D, Format::kInt2, T, Feed::kFold>(k, grid, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t launch_dim(const KParams& k, dim3 grid, cudaStream_t stream) {
+  switch (k.k.L.head_dim) {
+    case 64: return launch_format<64, T>(k, grid, stream);
+    case 128: return launch_format<128, T>(k, grid, stream);
+    case 256: return launch_format<256, T>(k, grid, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+bool attention_decode_supported(const AttentionParams& p) {
+  if (!attention_mma_supported(p) || p.rows() > kRows || p.k.layout.block_size < 16) return false;
+  const Format f = p.k.layout.format;
+  const bool pass = ((f == Format::kBF16 && p.dtype == DType::kBF16) || (f == Format::kFP16 && p.dtype == DType::kF16)) &&
+                    p.head_dim() <= 128;
+  const bool grouped = (f == Format::kInt4 || f == Format::kInt2) && p.k.layout.group >= 16 && p.v.layout.group >= 8;
+  return pass || f == Format::kInt8 || f == Format::kFP8E4M3 || grouped;
+}
+
+int attention_decode_blocks_per_sm(const AttentionParams& p) {
+  return decode_blocks_per_sm(static_cast<int>(p.head_dim()));
+}
+
+cudaError_t attention_decode_launch(const KParams& k, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(k.num_splits), static_cast<unsigned>(k.H), static_cast<unsigned>(k.B));
+  return k.dtype == DType::kBF16 ? launch_dim<__nv_bfloat16>(k, grid, stream) : launch_dim<__half>(k, grid, stream);
+}
+
+}  // namespace pagedkv
