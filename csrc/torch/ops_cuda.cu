@@ -128,7 +128,7 @@ at::Tensor paged_attention_cuda_op(const at::Tensor& query, at::TensorList k_pag
   const int64_t bound = p.max_blocks_per_seq * block_size + p.tail_len;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   attention_cuda_plan(p, bound, sms, num_splits);
-  const at::Tensor q32 = query.to(at::kFloat).contiguous();
+  const at::Tensor qc = query.contiguous();
   at::Tensor out = at::empty({p.num_seqs, p.q_len, p.num_q_heads, p.head_dim()}, query.options());
   const auto f32 = query.options().dtype(at::kFloat);
   at::Tensor acc = at::empty({std::max<int64_t>(1, p.num_seqs * num_kv_heads * p.num_splits * p.rows() * p.head_dim())}, f32);
@@ -136,7 +136,7 @@ at::Tensor paged_attention_cuda_op(const at::Tensor& query, at::TensorList k_pag
   p.out = out.data_ptr();
   p.partial_acc = acc.data_ptr<float>();
   p.partial_ml = ml.data_ptr<float>();
-  C10_CUDA_CHECK(paged_attention_cuda(p, q32.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(paged_attention_cuda(p, qc.data_ptr(), at::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -152,11 +152,8 @@ __global__ void __launch_bounds__(kThreads, 4) attention_kernel(const __grid_con
     const int gr = rt * R + r;
     if (gr < p.rows) {
       row_window(p, n, gr, lo[r], hi[r]);
-      const float* qp = query_row(p, s, h, gr, D) + c0;
-      const float4 a = *reinterpret_cast<const float4*>(qp), b = *reinterpret_cast<const float4*>(qp + 4);
-      const float qq[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
-      for (int c = 0; c < kC; ++c) q[r][c] = qq[c] * p.scale;
+      for (int c = 0; c < kC; ++c) q[r][c] = query_at(p, s, h, gr, D, c0 + c) * p.scale;
       row_lo = min(row_lo, lo[r]);
       row_hi = max(row_hi, hi[r]);
     } else {
@@ -320,7 +317,6 @@ __global__ void attention_generic_kernel(const __grid_constant__ KParams p) {
   int64_t lo, hi, e0, e1;
   row_window(p, n, gr, lo, hi);
   split_range(p, split, n, lo, hi, e0, e1);
-  const float* q = query_row(p, s, h, gr, D);
   float acc[256], kx[256];
   for (int d = 0; d < D; ++d) acc[d] = 0.0f;
   float m = -INFINITY, l = 0.0f;
@@ -345,7 +341,7 @@ __global__ void attention_generic_kernel(const __grid_constant__ KParams p) {
         for (int d = 0; d < D; ++d) kx[d] = load_scalar(tail, p.dtype, s * ts[0] + h * ts[1] + (e - plen) * ts[2] + d);
       }
       if (kv == 0) {
-        for (int d = 0; d < D; ++d) score = fmaf(q[d] * p.scale, kx[d], score);
+        for (int d = 0; d < D; ++d) score = fmaf(query_at(p, s, h, gr, D, d) * p.scale, kx[d], score);
         if (p.softcap > 0.0f) score = p.softcap * tanhf(score / p.softcap);
         const float m_new = fmaxf(m, score);
         const float c = m == -INFINITY ? 0.0f : __expf(m - m_new);
@@ -366,32 +362,69 @@ __global__ void attention_generic_kernel(const __grid_constant__ KParams p) {
   p.pml[base * 2 + 1] = l;
 }
 
-// One thread block per (sequence, kv head, row): combine the splits, write [B, Lq, Hq, D].
-__global__ void merge_kernel(const __grid_constant__ KParams p) {
-  const int gr = blockIdx.x, h = blockIdx.y, s = blockIdx.z;
-  const int D = p.k.L.head_dim;
-  const int64_t base0 = (static_cast<int64_t>(s) * p.H + h) * p.num_splits;
-  float mx = -INFINITY;
-  for (int k = 0; k < p.num_splits; ++k) mx = fmaxf(mx, p.pml[((base0 + k) * p.rows + gr) * 2]);
-  float sum = 0.0f;
-  for (int k = 0; k < p.num_splits; ++k) {
-    const float mk = p.pml[((base0 + k) * p.rows + gr) * 2];
-    if (mk != -INFINITY) sum += __expf(mk - mx) * p.pml[((base0 + k) * p.rows + gr) * 2 + 1];
+// One thread block per (sequence, kv head, row): combine the splits, write [B, Lq, Hq, D]. The
+// splits' (max, sum) are read once, in parallel, into shared weights exp(m_k - max); each
+// thread then sums its channels over the splits with independent loads in flight.
+constexpr int kMergeThreads = 128;
+constexpr int kMaxSplits = 8192;
+
+__device__ __forceinline__ float block_reduce(float v, bool is_max, float* red) {
+#pragma unroll
+  for (int d = 16; d >= 1; d >>= 1) {
+    const float o = __shfl_xor_sync(0xffffffffu, v, d);
+    v = is_max ? fmaxf(v, o) : v + o;
   }
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = red[0];
+#pragma unroll
+  for (int w = 1; w < kMergeThreads / 32; ++w) r = is_max ? fmaxf(r, red[w]) : r + red[w];
+  __syncthreads();
+  return r;
+}
+
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const __grid_constant__ KParams p) {
+  extern __shared__ float wk[];  // [min(num_splits, kMaxSplits)]
+  __shared__ float red[kMergeThreads / 32];
+  const int gr = blockIdx.x, h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
+  const int D = p.k.L.head_dim, ns = static_cast<int>(p.num_splits);
+  const int64_t base0 = (static_cast<int64_t>(s) * p.H + h) * p.num_splits;
+  const float* ml = p.pml + (base0 * p.rows + gr) * 2;  // split k at ml[2 k rows]
+  const int64_t mstride = 2 * static_cast<int64_t>(p.rows);
+  float mx = -INFINITY;
+  for (int k = tid; k < ns; k += kMergeThreads) mx = fmaxf(mx, ml[k * mstride]);
+  mx = block_reduce(mx, true, red);
+  float sum = 0.0f;
+  for (int k = tid; k < ns; k += kMergeThreads) {
+    const float mk = ml[k * mstride];
+    const float f = mk == -INFINITY ? 0.0f : __expf(mk - mx);
+    if (k < kMaxSplits) wk[k] = f;
+    sum += f * ml[k * mstride + 1];
+  }
+  sum = block_reduce(sum, false, red);  // its barrier also publishes wk
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
   const int t = gr / p.gqa, j = gr % p.gqa;
   const int64_t o = ((static_cast<int64_t>(s) * p.Lq + t) * p.Hq + h * p.gqa + j) * D;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float a = 0.0f;
-    for (int k = 0; k < p.num_splits; ++k) {
-      const float mk = p.pml[((base0 + k) * p.rows + gr) * 2];
-      if (mk != -INFINITY) a += __expf(mk - mx) * p.pacc[((base0 + k) * p.rows + gr) * D + d];
+  const float* acc = p.pacc + (base0 * p.rows + gr) * D;
+  const int64_t astride = static_cast<int64_t>(p.rows) * D;
+  for (int d = tid; d < D; d += kMergeThreads) {
+    float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int nw = ns < kMaxSplits ? ns : kMaxSplits;
+    int k = 0;
+    for (; k + 4 <= nw; k += 4) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) a[u] += wk[k + u] * acc[(k + u) * astride + d];
     }
-    a *= inv;
+    for (; k < nw; ++k) a[0] += wk[k] * acc[k * astride + d];
+    for (; k < ns; ++k) {  // beyond the shared weights (forced split counts only)
+      const float mk = ml[k * mstride];
+      if (mk != -INFINITY) a[0] += __expf(mk - mx) * acc[k * astride + d];
+    }
+    const float r = ((a[0] + a[1]) + (a[2] + a[3])) * inv;
     switch (p.dtype) {
-      case DType::kF32: static_cast<float*>(p.out)[o + d] = a; break;
-      case DType::kBF16: static_cast<__nv_bfloat16*>(p.out)[o + d] = __float2bfloat16_rn(a); break;
-      default: static_cast<__half*>(p.out)[o + d] = __float2half_rn(a); break;
+      case DType::kF32: static_cast<float*>(p.out)[o + d] = r; break;
+      case DType::kBF16: static_cast<__nv_bfloat16*>(p.out)[o + d] = __float2bfloat16_rn(r); break;
+      default: static_cast<__half*>(p.out)[o + d] = __float2half_rn(r); break;
     }
   }
 }
@@ -457,7 +490,7 @@ void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, i
   p.num_splits = (n + split - 1) / split;
 }
 
-cudaError_t paged_attention_cuda(const AttentionParams& p, const float* query_f32, cudaStream_t stream) {
+cudaError_t paged_attention_cuda(const AttentionParams& p, const void* query, cudaStream_t stream) {
   if (p.k.num_chunks > kMaxAttentionChunks || p.v.num_chunks > kMaxAttentionChunks) return cudaErrorInvalidValue;
   if (p.head_dim() > 256) return cudaErrorInvalidValue;
   if (p.num_seqs == 0) return cudaSuccess;
@@ -468,7 +501,7 @@ cudaError_t paged_attention_cuda(const AttentionParams& p, const float* query_f3
   k.max_blocks = p.max_blocks_per_seq;
   k.lens = p.seq_lens;
   k.skip = p.skip;
-  k.q = query_f32;
+  k.q = query;
   k.kt = p.k_tail;
   k.vt = p.v_tail;
   for (int i = 0; i < 3; ++i) {
@@ -518,7 +551,8 @@ cudaError_t paged_attention_cuda(const AttentionParams& p, const float* query_f3
     attention_generic_kernel<<<static_cast<unsigned>((total + 127) / 128), 128, 0, stream>>>(k);
     PKV_CUDA_TRY(cudaGetLastError());
   }
-  merge_kernel<<<dim3(k.rows, k.H, k.B), 64, 0, stream>>>(k);
+  const size_t merge_smem = sizeof(float) * static_cast<size_t>(std::min<int64_t>(k.num_splits, kMaxSplits));
+  merge_kernel<<<dim3(k.rows, k.H, k.B), kMergeThreads, merge_smem, stream>>>(k);
   return cudaGetLastError();
 }
 

@@ -29,7 +29,7 @@ struct KParams {
   int64_t max_blocks;
   const int32_t* lens;
   const int32_t* skip;
-  const float* q;
+  const void* q;  // [B, Hq, Lq, D] contiguous, in `dtype`
   const void* kt;
   const void* vt;
   int64_t kts[3], vts[3];
@@ -66,11 +66,12 @@ __device__ __forceinline__ float load_scalar(const void* base, DType dt, int64_t
   }
 }
 
-// Query row gr (query token gr / gqa of head h * gqa + gr % gqa) of sequence s: D fp32 values.
-__device__ __forceinline__ const float* query_row(const KParams& p, int s, int h, int gr, int D) {
+// Channel d of query row gr (query token gr / gqa of head h * gqa + gr % gqa) of sequence s, as fp32.
+__device__ __forceinline__ float query_at(const KParams& p, int s, int h, int gr, int D, int d) {
   const int t = gr / p.gqa, j = gr % p.gqa;
-  return p.q + ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D;
+  return load_scalar(p.q, p.dtype, ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D + d);
 }
+
 
 // Entries [lo, hi] query row gr may attend in a sequence of n entries: causal inside the query
 // chunk (its token t sits at entry n - Lq + t), limited to the window when there is one.

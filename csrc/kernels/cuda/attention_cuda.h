@@ -1,7 +1,7 @@
 // CUDA fused paged attention launcher. Torch-free: (AttentionParams, stream) -> cudaError_t.
 // Params as on CPU (attention_cpu.h), except: every data pointer is a device pointer; the chunk
 // pointer arrays of p.k / p.v are HOST arrays (copied into the kernel parameters, at most
-// kMaxAttentionChunks each); `query_f32` is the query as contiguous fp32 [B, Hq, Lq, D]; out,
+// kMaxAttentionChunks each); `query` is the query as contiguous [B, Hq, Lq, D] in p.dtype; out,
 // partial_acc and partial_ml are device buffers sized by attention_cuda_plan.
 #pragma once
 
@@ -17,6 +17,6 @@ constexpr int kMaxAttentionChunks = 1024;  // chunk pointers travel in the kerne
 // that many, within the kernel's shared-memory cap on split length).
 void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, int64_t forced_splits);
 
-cudaError_t paged_attention_cuda(const AttentionParams& p, const float* query_f32, cudaStream_t stream);
+cudaError_t paged_attention_cuda(const AttentionParams& p, const void* query, cudaStream_t stream);
 
 }  // namespace pagedkv

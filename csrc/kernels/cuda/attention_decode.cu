@@ -58,7 +58,10 @@ __device__ __forceinline__ constexpr int key_channel(int kk, int sl) {
 
 // Registers per SM allow four blocks of 128 threads at 128 registers; head_dim 256 holds twice the
 // accumulators and query fragments.
-constexpr int decode_blocks_per_sm(int D) { return D == 256 ? 2 : 4; }
+#ifndef PAGEDKV_DECODE_BLOCKS
+#define PAGEDKV_DECODE_BLOCKS 4
+#endif
+constexpr int decode_blocks_per_sm(int D) { return D == 256 ? 2 : PAGEDKV_DECODE_BLOCKS; }
 
 template <int D, Format F, typename T, Feed FD>
 __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_decode_kernel(const __grid_constant__ KParams p) {
@@ -107,16 +110,15 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
     const int kk = idx >> 5, r = (idx & 31) >> 2, base = (idx & 3) * LK;
     float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (r < p.rows) {
-      const float* q = query_row(p, s, h, r, D) + base;
 #pragma unroll
-      for (int sl = 0; sl < 4; ++sl) x[sl] = q[key_channel<FD, PW>(kk, sl)];
+      for (int sl = 0; sl < 4; ++sl) x[sl] = query_at(p, s, h, r, D, base + key_channel<FD, PW>(kk, sl));
     }
     sq[idx] = make_uint2(pack2<TK>(x[0], x[1]), pack2<TK>(x[2], x[3]));
   }
   if constexpr (kFold) {
     for (int idx = tid; idx < kRows * D; idx += kThreads) {
       const int r = idx / D, d = idx % D;
-      sqf[r * QS + d] = r < p.rows ? query_row(p, s, h, r, D)[d] : 0.0f;
+      sqf[r * QS + d] = r < p.rows ? query_at(p, s, h, r, D, d) : 0.0f;
     }
   }
   __syncthreads();
@@ -226,17 +228,32 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
           const float* qr = sqf + g * QS + c * LK;
           float b = 0.0f;
 #pragma unroll
-          for (int kk = 0; kk < KS; ++kk) {
-            float r[4];
+          for (int jw = 0; jw < LK / PW; ++jw) {  // one unpack unit: PW channels, 16-byte loads
+            uint32_t zw[PW];
+            float qv[PW];
 #pragma unroll
-            for (int sl = 0; sl < 4; ++sl) {
-              const int ch = key_channel<FD, PW>(kk, sl);
-              const float2 f = __half22float2(as_h2(sz[ch]));  // (scale, zero)
-              r[sl] = round_t<T>(qr[ch] * f.x);
-              b += qr[ch] * f.y - kMagic<T> * r[sl];
+            for (int i = 0; i < PW / 4; ++i) {
+              load_words<4>(reinterpret_cast<const uint8_t*>(sz + PW * jw + 4 * i), zw + 4 * i);
+              const float4 f4 = *reinterpret_cast<const float4*>(qr + PW * jw + 4 * i);
+              qv[4 * i] = f4.x;
+              qv[4 * i + 1] = f4.y;
+              qv[4 * i + 2] = f4.z;
+              qv[4 * i + 3] = f4.w;
             }
-            qa[kk][0] = pack2<T>(r[0], r[1]);
-            qa[kk][1] = pack2<T>(r[2], r[3]);
+#pragma unroll
+            for (int u = 0; u < KPW; ++u) {
+              const int kk = KPW * jw + u;
+              float r[4];
+#pragma unroll
+              for (int sl = 0; sl < 4; ++sl) {
+                const int ch = key_channel<FD, PW>(kk, sl) - PW * jw;
+                const float2 f = __half22float2(as_h2(zw[ch]));  // (scale, zero)
+                r[sl] = round_t<T>(qv[ch] * f.x);
+                b += qv[ch] * f.y - kMagic<T> * r[sl];
+              }
+              qa[kk][0] = pack2<T>(r[0], r[1]);
+              qa[kk][1] = pack2<T>(r[2], r[3]);
+            }
           }
           b += __shfl_xor_sync(0xffffffffu, b, 1);
           b += __shfl_xor_sync(0xffffffffu, b, 2);

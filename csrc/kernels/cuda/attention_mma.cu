@@ -96,7 +96,9 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(D, FD)) attention_mma_
     for (int half = 0; half < 2; ++half) {
       const int gr = rt * 16 + r + 8 * half;
       float4 q = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (gr < p.rows) q = *reinterpret_cast<const float4*>(query_row(p, s, h, gr, D) + d0);
+      if (gr < p.rows)
+        q = make_float4(query_at(p, s, h, gr, D, d0), query_at(p, s, h, gr, D, d0 + 1), query_at(p, s, h, gr, D, d0 + 2),
+                        query_at(p, s, h, gr, D, d0 + 3));
       w[half] = pack2<TK>(q.x, q.y);
       w[2 + half] = pack2<TK>(q.z, q.w);
     }
@@ -105,7 +107,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(D, FD)) attention_mma_
   if constexpr (FD == Feed::kFold) {
     for (int idx = tid; idx < 16 * D; idx += kThreads) {
       const int r = idx / D, d = idx % D, gr = rt * 16 + r;
-      sqf[r * QS + d] = gr < p.rows ? query_row(p, s, h, gr, D)[d] : 0.0f;
+      sqf[r * QS + d] = gr < p.rows ? query_at(p, s, h, gr, D, d) : 0.0f;
     }
   }
   __syncthreads();
