@@ -555,15 +555,10 @@ cudaError_t launch_format(const KParams& k, dim3 grid, cudaStream_t stream) {
   }
 }
 
-template <typename T>
-cudaError_t launch_dim(const KParams& k, dim3 grid, cudaStream_t stream) {
-  switch (k.k.L.head_dim) {
-    case 64: return launch_format<64, T>(k, grid, stream);
-    case 128: return launch_format<128, T>(k, grid, stream);
-    case 256: return launch_format<256, T>(k, grid, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
+struct Formats {
+  template <int D, typename T>
+  static cudaError_t run(const KParams& k, dim3 grid, cudaStream_t stream) { return launch_format<D, T>(k, grid, stream); }
+};
 
 }  // namespace
 
@@ -583,7 +578,7 @@ int attention_mma_blocks_per_sm(const AttentionParams& p) {
 cudaError_t attention_mma_launch(const KParams& k, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(k.num_splits), static_cast<unsigned>(k.H * k.row_tiles),
                   static_cast<unsigned>(k.B));
-  return k.dtype == DType::kBF16 ? launch_dim<__nv_bfloat16>(k, grid, stream) : launch_dim<__half>(k, grid, stream);
+  return launch_dim_dtype<Formats>(k, grid, stream);
 }
 
 }  // namespace pagedkv

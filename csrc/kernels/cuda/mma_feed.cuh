@@ -220,5 +220,18 @@ __device__ __forceinline__ float token_scale(const PageLayout& L, const Tok& tk)
   return tk.ok && !tk.tail ? *reinterpret_cast<const float*>(tk.head + L.code_bytes + 4 * tk.off) : 1.0f;
 }
 
+// Runs L::run<D, T>(k, grid, stream) for the fast head dims (64 / 128 / 256) and the model dtype
+// (bf16 / fp16): the compile-time dispatch both tensor-core kernels share.
+template <typename L>
+cudaError_t launch_dim_dtype(const KParams& k, dim3 grid, cudaStream_t stream) {
+  const bool bf = k.dtype == DType::kBF16;
+  switch (k.k.L.head_dim) {
+    case 64: return bf ? L::template run<64, __nv_bfloat16>(k, grid, stream) : L::template run<64, __half>(k, grid, stream);
+    case 128: return bf ? L::template run<128, __nv_bfloat16>(k, grid, stream) : L::template run<128, __half>(k, grid, stream);
+    case 256: return bf ? L::template run<256, __nv_bfloat16>(k, grid, stream) : L::template run<256, __half>(k, grid, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace attn
 }  // namespace pagedkv
