@@ -31,7 +31,6 @@ using namespace attn;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 
-
 // Three blocks per SM (two for head_dim 256 and for kTokenScale): the kFold kernels spill a few
 // registers at that bound, and were measured slower at two blocks per SM without spills (H100, int4 /
 // int2, 32k: 499 against 421 us); kTokenScale spills more at three (168 registers) and was measured
