@@ -56,12 +56,10 @@ __device__ __forceinline__ constexpr int key_channel(int kk, int sl) {
   }
 }
 
-// Registers per SM allow four blocks of 128 threads at 128 registers; head_dim 256 holds twice the
-// accumulators and query fragments.
-#ifndef PAGEDKV_DECODE_BLOCKS
-#define PAGEDKV_DECODE_BLOCKS 4
-#endif
-constexpr int decode_blocks_per_sm(int D) { return D == 256 ? 2 : PAGEDKV_DECODE_BLOCKS; }
+// Four blocks of 128 threads per SM (128 registers; head_dim 256, with twice the accumulators and
+// query fragments, two): measured faster than three without spills (H100, b8 32/8 d128 32k: int8 1.54x
+// against 1.42x SDPA, int4 1.66x against 1.37x; benchmarks/RESULTS.md).
+constexpr int decode_blocks_per_sm(int D) { return D == 256 ? 2 : 4; }
 
 template <int D, Format F, typename T, Feed FD>
 __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_decode_kernel(const __grid_constant__ KParams p) {
@@ -288,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
                     qa[KPW * jw + u][1]);
         }
       }
-      if constexpr (kTS || kFold) {
+      if constexpr ((kTS && F == Format::kInt8) || kFold) {  // fp8 has no score offset
         sc[0] += kb[0];
         sc[1] += kb[1];
         sc[2] += kb[0];
@@ -439,27 +437,7 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
     }
   }
   __syncthreads();
-  const int64_t base = (static_cast<int64_t>(s) * p.H + h) * p.num_splits + split;
-  for (int w = tid; w < p.rows * D; w += kThreads) {
-    const int r = w / D, d = w % D;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < kWarps; ++k) mx = fmaxf(mx, sml[k * kRows * 2 + 2 * r]);
-    float acc = 0.0f, sum = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kWarps; ++k) {
-      const float mk = sml[k * kRows * 2 + 2 * r];
-      if (mk == -INFINITY) continue;
-      const float f = __expf(mk - mx);
-      acc += f * so[(k * kRows + r) * D + d];
-      sum += f * sml[k * kRows * 2 + 2 * r + 1];
-    }
-    p.pacc[(base * p.rows + r) * D + d] = acc;
-    if (d == 0) {
-      p.pml[(base * p.rows + r) * 2] = mx;
-      p.pml[(base * p.rows + r) * 2 + 1] = sum;
-    }
-  }
+  store_split_partial<kWarps, kRows>(p, so, sml, s, h, split, 0, D);
 }
 
 template <int D, Format F, typename T, Feed FD>

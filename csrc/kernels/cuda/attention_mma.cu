@@ -496,29 +496,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(D, FD)) attention_mma_
     mlw[2 * (g + 8) + 1] = l1;
   }
   __syncthreads();
-  const int64_t base = (static_cast<int64_t>(s) * p.H + h) * p.num_splits + split;
-  for (int w = tid; w < 16 * D; w += kThreads) {
-    const int r = w / D, d = w % D;
-    const int gr = rt * 16 + r;
-    if (gr >= p.rows) continue;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < kWarps; ++k) mx = fmaxf(mx, sml[k * 32 + 2 * r]);
-    float acc = 0.0f, sum = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kWarps; ++k) {
-      const float mk = sml[k * 32 + 2 * r];
-      if (mk == -INFINITY) continue;
-      const float f = __expf(mk - mx);
-      acc += f * so[(k * 16 + r) * D + d];
-      sum += f * sml[k * 32 + 2 * r + 1];
-    }
-    p.pacc[(base * p.rows + gr) * D + d] = acc;
-    if (d == 0) {
-      p.pml[(base * p.rows + gr) * 2] = mx;
-      p.pml[(base * p.rows + gr) * 2 + 1] = sum;
-    }
-  }
+  store_split_partial<kWarps, 16>(p, so, sml, s, h, split, rt * 16, D);
 }
 
 template <int D, Format F, typename T, Feed FD>

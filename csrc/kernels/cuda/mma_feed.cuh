@@ -220,6 +220,36 @@ __device__ __forceinline__ float token_scale(const PageLayout& L, const Tok& tk)
   return tk.ok && !tk.tail ? *reinterpret_cast<const float*>(tk.head + L.code_bytes + 4 * tk.off) : 1.0f;
 }
 
+// The end of both tensor-core kernels: merges the W warps' states of a tile of R query rows (rows
+// row0 .. row0 + R - 1), each warp's fp32 accumulators in so [W][R][D] and its (max, sum) per row in
+// sml [W][R][2] (maxima in base e), and writes the split's partial result for the merge kernel.
+template <int W, int R>
+__device__ __forceinline__ void store_split_partial(const KParams& p, const float* so, const float* sml, int s, int h,
+                                                    int split, int row0, int D) {
+  const int64_t base = (static_cast<int64_t>(s) * p.H + h) * p.num_splits + split;
+  for (int w = threadIdx.x; w < R * D; w += blockDim.x) {
+    const int r = w / D, d = w % D, gr = row0 + r;
+    if (gr >= p.rows) continue;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < W; ++k) mx = fmaxf(mx, sml[(k * R + r) * 2]);
+    float acc = 0.0f, sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const float mk = sml[(k * R + r) * 2];
+      if (mk == -INFINITY) continue;
+      const float f = __expf(mk - mx);
+      acc += f * so[(k * R + r) * D + d];
+      sum += f * sml[(k * R + r) * 2 + 1];
+    }
+    p.pacc[(base * p.rows + gr) * D + d] = acc;
+    if (d == 0) {
+      p.pml[(base * p.rows + gr) * 2] = mx;
+      p.pml[(base * p.rows + gr) * 2 + 1] = sum;
+    }
+  }
+}
+
 // Runs L::run<D, T>(k, grid, stream) for the fast head dims (64 / 128 / 256) and the model dtype
 // (bf16 / fp16): the compile-time dispatch both tensor-core kernels share.
 template <typename L>
