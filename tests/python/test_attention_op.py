@@ -134,13 +134,14 @@ def test_half_precision_models(device, dtype, fmt, case):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", ["int4", "int2"])
-@pytest.mark.parametrize("groups", [(16, 8), (32, 64), (64, 32), (8, 16)])
+@pytest.mark.parametrize("groups", [(16, 8), (32, 64), (64, 32), (8, 16), (16, 128)])
 @pytest.mark.parametrize("d", [64, 128])
 def test_grouped_formats_any_groups_and_skips(device, dtype, fmt, groups, d):
     """int4 / int2 with other key groups (tokens) and value groups (channels), sequences starting
     mid-block (skip), a query chunk with a window: on CUDA this covers the folded-scale path of the
-    tensor-core kernel (key groups >= 16, value groups >= 8), its step alignment to positions that are
-    multiples of 16, and its fallback (key group 8)."""
+    tensor-core kernels (key groups >= 16; value groups >= 64 in the swapped-operand one, where a
+    value group of 128 spans two of its 64-channel chunks, >= 8 in the row-major one), their step
+    alignment to positions that are multiples of 16, and the fallback (key group 8)."""
     kg, vg = groups
     lens = [1, 63, 64, 9 * 64 + 7, 5 * 64 + 30]
     skips = [0, 5, 16, 21, 57]

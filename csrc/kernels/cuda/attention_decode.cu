@@ -38,6 +38,12 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   return y;
 }
 
+__device__ __forceinline__ float exp2_approx(float x) {  // exp2f without its subnormal range fix-ups
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 template <Format F, Feed FD>
 constexpr int bits_of() {
   return FD == Feed::kPass ? 16 : FD == Feed::kTokenScale ? 8 : F == Format::kInt2 ? 2 : 4;
@@ -56,6 +62,11 @@ __device__ __forceinline__ constexpr int key_channel(int kk, int sl) {
   }
 }
 
+// kFold values: m-tile i of a 64-channel chunk holds the lane's chunk channels value_lane_channel(i)
+// (row g) and + 2 (row g + 8): 0 / 2 and 4 / 6 from the even unpacked pairs, 1 / 3 and 5 / 7 (HI x)
+// from the odd ones.
+__device__ __forceinline__ constexpr int value_lane_channel(int i) { return 4 * (i / 2) + i % 2; }
+
 // Four blocks of 128 threads per SM (128 registers; head_dim 256, with twice the accumulators and
 // query fragments, two): measured faster than three without spills (H100, b8 32/8 d128 32k: int8 1.54x
 // against 1.42x SDPA, int4 1.66x against 1.37x; benchmarks/RESULTS.md).
@@ -66,15 +77,18 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
   constexpr int KS = D / 16;   // k-steps of S^T and m-tiles of O^T
   constexpr int LK = D / 4;    // key channels per lane
   constexpr int LV = D / 8;    // value channels per lane
-  constexpr int VCH = LV / 8;  // 8-channel value chunks per lane and token (>= 1: D >= 64)
+  constexpr int VCH = LV / 8;  // 8-channel value pieces per lane and token (>= 1: D >= 64)
   constexpr int BITS = bits_of<F, FD>();
   constexpr bool kTS = FD == Feed::kTokenScale, kFold = FD == Feed::kFold;
+  // kFold: odd unpacked pairs read magic + HI x code (unpack_lohi): keys in T, values in fp16.
+  constexpr int HIK = kFold ? kHi<BITS, T> : 1, HIV = kFold ? kHi<BITS, __half> : 1;
   constexpr int PW = kFold ? 32 / BITS : 4;  // codes per unpacked key unit
   constexpr int KPW = PW / 4;                // k-steps per unit
   constexpr int GW = PW > 8 ? PW : 8;        // generic steps: key channels loaded together
   constexpr int KW = LK * BITS / 32;         // key words per lane and token
   constexpr int VB = LV * BITS / 8;          // value bytes per lane and token
   constexpr int VW = VB >= 4 ? VB / 4 : 1;
+  constexpr int NC = D / 64;                 // kFold: 64-channel value chunks
   constexpr int CBT = LK * 4 * BITS / 8;     // code bytes per token
   constexpr int QS = D + 4;                  // fp32 query row stride (kFold)
   using TK = std::conditional_t<kTS, __half, T>;            // the S^T mma's type
@@ -183,6 +197,9 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
 #pragma unroll
   for (int t = 0; t < KS; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
   int cur_col = -1, cur_grp = -1;  // kFold: the (column, key group) whose q' the lane holds
+  // kFold: value chunk g % NC's corrections of rows 2c, 2c + 1 (columns): magic's share in row g
+  // (cz[0], cz[1]), zeros' in row g + 8 (cz[2], cz[3]).
+  float cz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
   for (int st = w0; st < lim; st += kStep) {
     const int pos0 = isk + st, scol = (pos0 >> bs_shift) - col0, off0 = pos0 & bmask;
@@ -193,22 +210,29 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
     float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
     float ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};  // kTS: scales of tokens g, g + 8
     uint32_t vr[2][LV];  // value pairs (tokens 2c + 8 P, 2c + 8 P + 1) of the lane's channels
+    uint32_t vm[4][kFold ? NC : 1];  // kFold: (scale, zero) of tokens 2c, 2c + 1, 2c + 8, 2c + 9 per chunk
     bool tok_ok[2] = {true, true};
     if (fast) {
       // Every load of the step first: keys of tokens g, g + 8; values of 2c, 2c + 1, 2c + 8, 2c + 9.
-      uint32_t kw[2][KW], vw[4][VW], vm[4][VCH];
+      uint32_t kw[2][KW], vw[4][kFold ? NC : VW];
 #pragma unroll
       for (int t = 0; t < 2; ++t) load_words<KW>(kh + (off0 + 8 * t + g) * CBT + c * (LK * BITS / 8), kw[t]);
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
         const int o4 = off0 + 2 * c + (t & 1) + 8 * (t >> 1);
-        const uint8_t* row = vh + o4 * CBT + g * VB;
-        if constexpr (VB >= 4) load_words<VW>(row, vw[t]);
-        else vw[t][0] = *reinterpret_cast<const uint16_t*>(row);
-        if constexpr (kFold) {
+        if constexpr (kFold) {  // channels [64 j + 8 g, 64 j + 8 g + 8) of each chunk j
+          const uint8_t* row = vh + o4 * CBT + g * BITS;
           const uint32_t* mz = reinterpret_cast<const uint32_t*>(vh + p.v.L.code_bytes);
 #pragma unroll
-          for (int q = 0; q < VCH; ++q) vm[t][q] = mz[(o4 * D + g * LV + 8 * q) >> vg_shift];
+          for (int j = 0; j < NC; ++j) {
+            if constexpr (BITS == 4) vw[t][j] = *reinterpret_cast<const uint32_t*>(row + 32 * j);
+            else vw[t][j] = *reinterpret_cast<const uint16_t*>(row + 16 * j);
+            vm[t][j] = mz[(o4 * D + 64 * j) >> vg_shift];
+          }
+        } else {
+          const uint8_t* row = vh + o4 * CBT + g * VB;
+          if constexpr (VB >= 4) load_words<VW>(row, vw[t]);
+          else vw[t][0] = *reinterpret_cast<const uint16_t*>(row);
         }
       }
       if constexpr (kTS) {
@@ -243,10 +267,10 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
               const int kk = KPW * jw + u;
               float r[4];
 #pragma unroll
-              for (int sl = 0; sl < 4; ++sl) {
+              for (int sl = 0; sl < 4; ++sl) {  // slots 2, 3 meet the odd pairs: q' / HIK
                 const int ch = key_channel<FD, PW>(kk, sl) - PW * jw;
                 const float2 f = __half22float2(as_h2(zw[ch]));  // (scale, zero)
-                r[sl] = round_t<T>(qv[ch] * f.x);
+                r[sl] = round_t<T>(qv[ch] * f.x * (sl >= 2 ? 1.0f / HIK : 1.0f));
                 b += qv[ch] * f.y - kMagic<T> * r[sl];
               }
               qa[kk][0] = pack2<T>(r[0], r[1]);
@@ -278,8 +302,8 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
 #pragma unroll
         for (int jw = 0; jw < KW; ++jw) {
           uint32_t ra[PW / 2], rb[PW / 2];
-          unpack_pairs<BITS, T>(kw[0][jw], ra);
-          unpack_pairs<BITS, T>(kw[1][jw], rb);
+          unpack_lohi<BITS, T>(kw[0][jw], kMagic2<T>, ra);
+          unpack_lohi<BITS, T>(kw[1][jw], kMagic2<T>, rb);
 #pragma unroll
           for (int u = 0; u < KPW; ++u)
             mma<TK>(sc, make_uint4(ra[2 * u], rb[2 * u], ra[2 * u + 1], rb[2 * u + 1]), qa[KPW * jw + u][0],
@@ -306,21 +330,15 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
         } else if constexpr (kTS) {
 #pragma unroll
           for (int i = 0; i < VW; ++i) value_words<F>(wa[i], wb[i], &vr[P][4 * i]);
-        } else {
-          const __half2 magic = as_h2(0x64006400u);
+        } else {  // raw codes: vr[P][8 j + i] = channel 64 j + 8 g + i, 1024 + code (odd i: HIV x code)
 #pragma unroll
-          for (int q = 0; q < VCH; ++q) {
-            const uint32_t ma = vm[2 * P][q], mb = vm[2 * P + 1][q];
-            const __half2 sc2 = as_h2(__byte_perm(ma, mb, 0x5410)), zr2 = as_h2(__byte_perm(ma, mb, 0x7632));
-            uint32_t r[8];
+          for (int j = 0; j < NC; ++j) {
             if constexpr (BITS == 4) {
-              unpack_pairs<4, __half>(__byte_perm(wa[q], wb[q], 0x5410), r);      // channels 0..3
-              unpack_pairs<4, __half>(__byte_perm(wa[q], wb[q], 0x7632), r + 4);  // channels 4..7
+              unpack_lohi<4, __half>(__byte_perm(wa[j], wb[j], 0x5410), kMagic2<__half>, &vr[P][8 * j]);
+              unpack_lohi<4, __half>(__byte_perm(wa[j], wb[j], 0x7632), kMagic2<__half>, &vr[P][8 * j + 4]);
             } else {
-              unpack_pairs<2, __half>(__byte_perm(wa[q / 2], wb[q / 2], q % 2 ? 0x7632 : 0x5410), r);
+              unpack_lohi<2, __half>(__byte_perm(wa[j], wb[j], 0x5410), kMagic2<__half>, &vr[P][8 * j]);
             }
-#pragma unroll
-            for (int i = 0; i < 8; ++i) vr[P][8 * q + i] = h2_bits(__hfma2(__hsub2(as_h2(r[i]), magic), sc2, zr2));
           }
         }
       }
@@ -363,12 +381,16 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
         sp.at(st + 8 * P + 2 * c, wlo, lim, &ta);
         sp.at(st + 8 * P + 2 * c + 1, wlo, lim, &tb);
 #pragma unroll
-        for (int q = 0; q < VCH; ++q) {
+        for (int q = 0; q < VCH; ++q) {  // kFold: the fast step's channels, odd ones times HIV
+          const int c0 = kFold ? 64 * q + 8 * g : g * LV + 8 * q;
           float xa[8], xb[8];
-          entry8<F, Role::kValue, FD>(p, p.v.L, ta, p.vt, p.vts, s, h, g * LV + 8 * q, nullptr, xa);
-          entry8<F, Role::kValue, FD>(p, p.v.L, tb, p.vt, p.vts, s, h, g * LV + 8 * q, nullptr, xb);
+          entry8<F, Role::kValue, FD>(p, p.v.L, ta, p.vt, p.vts, s, h, c0, nullptr, xa);
+          entry8<F, Role::kValue, FD>(p, p.v.L, tb, p.vt, p.vts, s, h, c0, nullptr, xb);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) vr[P][8 * q + i] = pack2<TV>(xa[i], xb[i]);
+          for (int i = 0; i < 8; ++i) {
+            const float mul = i % 2 ? static_cast<float>(HIV) : 1.0f;
+            vr[P][8 * q + i] = pack2<TV>(xa[i] * mul, xb[i] * mul);
+          }
         }
       }
     }
@@ -393,9 +415,10 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
       const float mn = fmaxf(m[r], mx);
-      alpha[r] = mn == -INFINITY ? 1.0f : exp2f(m[r] - mn);
+      alpha[r] = mn == -INFINITY ? 1.0f : exp2_approx(m[r] - mn);
       m[r] = mn;
-      const float p0 = mn == -INFINITY ? 0.0f : exp2f(sc[r] - mn), p1 = mn == -INFINITY ? 0.0f : exp2f(sc[2 + r] - mn);
+      const float p0 = mn == -INFINITY ? 0.0f : exp2_approx(sc[r] - mn);
+      const float p1 = mn == -INFINITY ? 0.0f : exp2_approx(sc[2 + r] - mn);
       l[r] = l[r] * alpha[r] + (p0 + p1);
       sc[r] = p0;
       sc[2 + r] = p1;
@@ -408,12 +431,54 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
         o[t][2] *= alpha[0];
         o[t][3] *= alpha[1];
       }
+      if constexpr (kFold) {
+        cz[0] *= alpha[0];
+        cz[1] *= alpha[1];
+        cz[2] *= alpha[0];
+        cz[3] *= alpha[1];
+      }
     }
     // P^T as the B fragment (times the value scale for kTS: P diag(s) codes = P V).
     const uint32_t b0 = transpose8x8(pack2<TV>(sc[0] * vs[0], sc[1] * vs[0]));
     const uint32_t b1 = transpose8x8(pack2<TV>(sc[2] * vs[1], sc[3] * vs[1]));
+    if constexpr (kFold) {
+      // Fast steps: chunk j's m-tiles take P^T times the tokens' value scales of chunk j (the raw codes
+      // on A); m-tile 4 j + i holds channels 64 j + 8 g + value_lane_channel(i) (row g) and + 2 (row
+      // g + 8), so one tile's codes share a scale. cz collects the rest: in row g, -1024 times chunk
+      // g % NC's scaled P^T (the magic's share, the same in odd tiles, which are then divided by HIV);
+      // in row g + 8, chunk g % NC's zeros against P^T.
+      uint32_t bq[NC][2];
 #pragma unroll
-    for (int t = 0; t < KS; ++t) mma<TV>(o[t], make_uint4(vr[0][2 * t], vr[0][2 * t + 1], vr[1][2 * t], vr[1][2 * t + 1]), b0, b1);
+      for (int j = 0; j < NC; ++j) {
+        bq[j][0] = fast ? h2_bits(__hmul2(as_h2(b0), as_h2(__byte_perm(vm[0][j], vm[1][j], 0x5410)))) : b0;
+        bq[j][1] = fast ? h2_bits(__hmul2(as_h2(b1), as_h2(__byte_perm(vm[2][j], vm[3][j], 0x5410)))) : b1;
+      }
+#pragma unroll
+      for (int t = 0; t < KS; ++t) {
+        const int cg = 8 * (t / 4) + value_lane_channel(t % 4);
+        mma<TV>(o[t], make_uint4(vr[0][cg], vr[0][cg + 2], vr[1][cg], vr[1][cg + 2]), bq[t / 4][0], bq[t / 4][1]);
+      }
+      if (fast) {
+        const int jg = g % NC;
+        uint32_t zs[4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          zs[t] = vm[t][0];
+#pragma unroll
+          for (int j = 1; j < NC; ++j) zs[t] = jg == j ? vm[t][j] : zs[t];
+        }
+        const uint32_t za = __byte_perm(zs[0], zs[1], 0x7632), zb = __byte_perm(zs[2], zs[3], 0x7632);
+        mma<__half>(cz, make_uint4(0u, za, 0u, zb), b0, b1);
+#pragma unroll
+        for (int j = 0; j < NC; ++j) {
+          const uint32_t a = jg == j ? 0xe400e400u : 0u;  // -1024 in fp16
+          mma<__half>(cz, make_uint4(a, 0u, a, 0u), bq[j][0], bq[j][1]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int t = 0; t < KS; ++t) mma<TV>(o[t], make_uint4(vr[0][2 * t], vr[0][2 * t + 1], vr[1][2 * t], vr[1][2 * t + 1]), b0, b1);
+    }
   }
 
   // Merge the warps: full row sums, then each warp's state to shared memory (maxima back to base e).
@@ -422,11 +487,32 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
 #pragma unroll
     for (int d = 4; d <= 16; d <<= 1) l[r] += __shfl_xor_sync(0xffffffffu, l[r], d);
   float* ow = so + warp * kRows * D;
+  if constexpr (kFold) {
+    float cm[NC][2], cs[NC][2];  // chunk j's magic and zero corrections of rows 2c, 2c + 1 (lane 4 j + c)
 #pragma unroll
-  for (int t = 0; t < KS; ++t) {
-    const int ch = g * LV + 2 * t;
-    *reinterpret_cast<float2*>(ow + (2 * c) * D + ch) = make_float2(o[t][0], o[t][2]);
-    *reinterpret_cast<float2*>(ow + (2 * c + 1) * D + ch) = make_float2(o[t][1], o[t][3]);
+    for (int j = 0; j < NC; ++j) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        cm[j][r] = __shfl_sync(0xffffffffu, cz[r], 4 * j + c);
+        cs[j][r] = __shfl_sync(0xffffffffu, cz[2 + r], 4 * j + c);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < KS; ++t) {
+      const int j = t / 4, ch = 64 * j + 8 * g + value_lane_channel(t % 4);
+      const float inv = t % 2 ? 1.0f / HIV : 1.0f;
+      ow[(2 * c) * D + ch] = (o[t][0] + cm[j][0]) * inv + cs[j][0];
+      ow[(2 * c + 1) * D + ch] = (o[t][1] + cm[j][1]) * inv + cs[j][1];
+      ow[(2 * c) * D + ch + 2] = (o[t][2] + cm[j][0]) * inv + cs[j][0];
+      ow[(2 * c + 1) * D + ch + 2] = (o[t][3] + cm[j][1]) * inv + cs[j][1];
+    }
+  } else {
+#pragma unroll
+    for (int t = 0; t < KS; ++t) {
+      const int ch = g * LV + 2 * t;
+      *reinterpret_cast<float2*>(ow + (2 * c) * D + ch) = make_float2(o[t][0], o[t][2]);
+      *reinterpret_cast<float2*>(ow + (2 * c + 1) * D + ch) = make_float2(o[t][1], o[t][3]);
+    }
   }
   if (g == 0) {
     float* mlw = sml + warp * kRows * 2;
@@ -478,7 +564,7 @@ bool attention_decode_supported(const AttentionParams& p) {
   const Format f = p.k.layout.format;
   const bool pass = ((f == Format::kBF16 && p.dtype == DType::kBF16) || (f == Format::kFP16 && p.dtype == DType::kF16)) &&
                     p.head_dim() <= 128;
-  const bool grouped = (f == Format::kInt4 || f == Format::kInt2) && p.k.layout.group >= 16 && p.v.layout.group >= 8;
+  const bool grouped = (f == Format::kInt4 || f == Format::kInt2) && p.k.layout.group >= 16 && p.v.layout.group >= 64;
   return pass || f == Format::kInt8 || f == Format::kFP8E4M3 || grouped;
 }
 

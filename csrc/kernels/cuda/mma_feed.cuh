@@ -85,6 +85,35 @@ __device__ __forceinline__ void unpack_pairs(uint32_t w, uint32_t* r) {
   for (int i = 0; i < 16 / BITS; ++i) r[i] = ((w >> (BITS * i)) & m) | kMagic2<T>;
 }
 
+// (x & MASK) | magic in one LOP3 (the compiler otherwise spends two, one per immediate).
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t and_or(uint32_t x, uint32_t magic) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(x), "n"(MASK), "r"(magic));
+  return r;
+}
+
+// unpack_pairs' pairs in 1.25 (int4) / 1.4 (int2) instructions each instead of 3: even pairs are
+// masked in place (magic + code), odd pairs at the next code position (magic + kHi x code; for bf16
+// int4, whose 7-bit mantissa has no room for a nibble at bits 4-7, shifted down by one first: magic +
+// 8 x code). One shift serves a lo / hi pair of pairs. The caller gives odd pairs' other operand
+// 1 / kHi of its weight, or divides their accumulator by kHi after removing the magic's share.
+template <int BITS, typename T>
+constexpr int kHiShift = BITS == 4 && std::is_same_v<T, __nv_bfloat16> ? 1 : 0;
+template <int BITS, typename T>
+constexpr int kHi = (1 << BITS) >> kHiShift<BITS, T>;
+template <int BITS, typename T>
+__device__ __forceinline__ void unpack_lohi(uint32_t w, uint32_t magic, uint32_t* r) {
+  constexpr uint32_t lo = BITS == 4 ? 0x000f000fu : 0x00030003u;
+  constexpr int hs = kHiShift<BITS, T>;
+#pragma unroll
+  for (int u = 0; u < 8 / BITS; ++u) {
+    const uint32_t y = w >> (2 * BITS * u);
+    r[2 * u] = and_or<lo>(y, magic);
+    r[2 * u + 1] = and_or<((lo << BITS) >> hs)>(hs ? y >> hs : y, magic);
+  }
+}
+
 template <int N>
 __device__ __forceinline__ void load_words(const uint8_t* ptr, uint32_t* w) {
   if constexpr (N == 4) {
