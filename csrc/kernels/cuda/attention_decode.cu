@@ -67,13 +67,16 @@ __device__ __forceinline__ constexpr int key_channel(int kk, int sl) {
 // from the odd ones.
 __device__ __forceinline__ constexpr int value_lane_channel(int i) { return 4 * (i / 2) + i % 2; }
 
-// Four blocks of 128 threads per SM (128 registers; head_dim 256, with twice the accumulators and
-// query fragments, two): measured faster than three without spills (H100, b8 32/8 d128 32k: int8 1.54x
-// against 1.42x SDPA, int4 1.66x against 1.37x; benchmarks/RESULTS.md).
-constexpr int decode_blocks_per_sm(int D) { return D == 256 ? 2 : 4; }
+// int4 / int2 (kFold) run a software pipeline (the next step's loads in flight during this step's
+// math) at three blocks of 128 threads per SM (168 registers); the other feeds load at the start of
+// the step at four (128 registers), head_dim 256 at two. Measured (ncu cycles, H100, b8 32/8 d128
+// 32k; benchmarks/RESULTS.md): int4 pipelined 370k at four (spills), 279k at three, unpipelined 307k
+// at four; int8 pipelined 401k at four, 380k at three, unpipelined 327k at four.
+constexpr bool decode_pipelined(Feed fd) { return fd == Feed::kFold; }
+constexpr int decode_blocks_per_sm(int D, Feed fd) { return D == 256 ? 2 : decode_pipelined(fd) ? 3 : 4; }
 
 template <int D, Format F, typename T, Feed FD>
-__global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_decode_kernel(const __grid_constant__ KParams p) {
+__global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, FD)) attention_decode_kernel(const __grid_constant__ KParams p) {
   constexpr int KS = D / 16;   // k-steps of S^T and m-tiles of O^T
   constexpr int LK = D / 4;    // key channels per lane
   constexpr int LV = D / 8;    // value channels per lane
@@ -201,46 +204,109 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
   // (cz[0], cz[1]), zeros' in row g + 8 (cz[2], cz[3]).
   float cz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
-  for (int st = w0; st < lim; st += kStep) {
-    const int pos0 = isk + st, scol = (pos0 >> bs_shift) - col0, off0 = pos0 & bmask;
-    const uint8_t* kh = st >= wlo && st + kStep <= lim && st + kStep <= plen ? k_heads[scol] : nullptr;
-    const uint8_t* vh = kh != nullptr ? v_heads[scol] : nullptr;
-    const bool fast = vh != nullptr;  // whole step in the warp's range and in one existing block
-    const bool clean = fast && mask == nullptr && st >= clean_lo && st + kStep <= clean_hi;
-    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
-    float ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};  // kTS: scales of tokens g, g + 8
-    uint32_t vr[2][LV];  // value pairs (tokens 2c + 8 P, 2c + 8 P + 1) of the lane's channels
-    uint32_t vm[4][kFold ? NC : 1];  // kFold: (scale, zero) of tokens 2c, 2c + 1, 2c + 8, 2c + 9 per chunk
-    bool tok_ok[2] = {true, true};
-    if (fast) {
-      // Every load of the step first: keys of tokens g, g + 8; values of 2c, 2c + 1, 2c + 8, 2c + 9.
-      uint32_t kw[2][KW], vw[4][kFold ? NC : VW];
+  // A fast step's keys and values in registers (kw, vw, vm, ks, vs). Pipelined (decode_pipelined):
+  // loaded before the step begins, the next step's keys once this step's keys went into the score
+  // mma, its values once this step's values are unpacked, so one step's loads overlap the math of the
+  // one before; otherwise loaded at the start of the step.
+  constexpr bool kPipe = decode_pipelined(FD);
+  uint32_t kw[2][KW], vw[4][kFold ? NC : VW], vm[4][kFold ? NC : 1];
+  float ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};  // kTS: scales of tokens g, g + 8
+  // A step's page-head pair (null when not fast: not whole in the warp's range or in one existing block).
+  const auto step_heads = [&](int st, const uint8_t*& kh, const uint8_t*& vh, int& scol, int& off0) {
+    const int pos0 = isk + st;
+    scol = (pos0 >> bs_shift) - col0;
+    off0 = pos0 & bmask;
+    kh = st >= wlo && st + kStep <= lim && st + kStep <= plen ? k_heads[scol] : nullptr;
+    vh = kh != nullptr ? v_heads[scol] : nullptr;
+    if (vh == nullptr) kh = nullptr;
+  };
+  const auto load_keys = [&](const uint8_t* kh, int off0) {
 #pragma unroll
-      for (int t = 0; t < 2; ++t) load_words<KW>(kh + (off0 + 8 * t + g) * CBT + c * (LK * BITS / 8), kw[t]);
+    for (int t = 0; t < 2; ++t) load_words<KW>(kh + (off0 + 8 * t + g) * CBT + c * (LK * BITS / 8), kw[t]);
+    if constexpr (kTS) {
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        const int o4 = off0 + 2 * c + (t & 1) + 8 * (t >> 1);
-        if constexpr (kFold) {  // channels [64 j + 8 g, 64 j + 8 g + 8) of each chunk j
-          const uint8_t* row = vh + o4 * CBT + g * BITS;
-          const uint32_t* mz = reinterpret_cast<const uint32_t*>(vh + p.v.L.code_bytes);
+      for (int t = 0; t < 2; ++t) ks[t] = *reinterpret_cast<const float*>(kh + p.k.L.code_bytes + 4 * (off0 + 8 * t + g));
+    }
+  };
+  // Values of tokens 2c, 2c + 1, 2c + 8, 2c + 9 (and kTS's value scales of tokens g, g + 8).
+  const auto load_values = [&](const uint8_t* vh, int off0) {
 #pragma unroll
-          for (int j = 0; j < NC; ++j) {
-            if constexpr (BITS == 4) vw[t][j] = *reinterpret_cast<const uint32_t*>(row + 32 * j);
-            else vw[t][j] = *reinterpret_cast<const uint16_t*>(row + 16 * j);
-            vm[t][j] = mz[(o4 * D + 64 * j) >> vg_shift];
+    for (int t = 0; t < 4; ++t) {
+      const int o4 = off0 + 2 * c + (t & 1) + 8 * (t >> 1);
+      if constexpr (kFold) {  // channels [64 j + 8 g, 64 j + 8 g + 8) of each chunk j
+        const uint8_t* row = vh + o4 * CBT + g * BITS;
+        const uint32_t* mz = reinterpret_cast<const uint32_t*>(vh + p.v.L.code_bytes);
+#pragma unroll
+        for (int j = 0; j < NC; ++j) {
+          if constexpr (BITS == 4) vw[t][j] = *reinterpret_cast<const uint32_t*>(row + 32 * j);
+          else vw[t][j] = *reinterpret_cast<const uint16_t*>(row + 16 * j);
+          vm[t][j] = mz[(o4 * D + 64 * j) >> vg_shift];
+        }
+      } else {
+        const uint8_t* row = vh + o4 * CBT + g * VB;
+        if constexpr (VB >= 4) load_words<VW>(row, vw[t]);
+        else vw[t][0] = *reinterpret_cast<const uint16_t*>(row);
+      }
+    }
+    if constexpr (kTS) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) vs[t] = *reinterpret_cast<const float*>(vh + p.v.L.code_bytes + 4 * (off0 + 8 * t + g));
+    }
+  };
+  // Values as (token a, token b) pairs of one channel, the A-fragment order.
+  const auto unpack_values = [&](uint32_t (&vr)[2][LV]) {
+#pragma unroll
+    for (int P = 0; P < 2; ++P) {
+      const uint32_t* wa = vw[2 * P];
+      const uint32_t* wb = vw[2 * P + 1];
+      if constexpr (FD == Feed::kPass) {
+#pragma unroll
+        for (int i = 0; i < VW; ++i) {
+          vr[P][2 * i] = __byte_perm(wa[i], wb[i], 0x5410);
+          vr[P][2 * i + 1] = __byte_perm(wa[i], wb[i], 0x7632);
+        }
+      } else if constexpr (kTS) {
+#pragma unroll
+        for (int i = 0; i < VW; ++i) value_words<F>(wa[i], wb[i], &vr[P][4 * i]);
+      } else {  // raw codes: vr[P][8 j + i] = channel 64 j + 8 g + i, 1024 + code (odd i: HIV x code)
+#pragma unroll
+        for (int j = 0; j < NC; ++j) {
+          if constexpr (BITS == 4) {
+            unpack_lohi<4, __half>(__byte_perm(wa[j], wb[j], 0x5410), kMagic2<__half>, &vr[P][8 * j]);
+            unpack_lohi<4, __half>(__byte_perm(wa[j], wb[j], 0x7632), kMagic2<__half>, &vr[P][8 * j + 4]);
+          } else {
+            unpack_lohi<2, __half>(__byte_perm(wa[j], wb[j], 0x5410), kMagic2<__half>, &vr[P][8 * j]);
           }
-        } else {
-          const uint8_t* row = vh + o4 * CBT + g * VB;
-          if constexpr (VB >= 4) load_words<VW>(row, vw[t]);
-          else vw[t][0] = *reinterpret_cast<const uint16_t*>(row);
         }
       }
-      if constexpr (kTS) {
-#pragma unroll
-        for (int t = 0; t < 2; ++t) {
-          ks[t] = *reinterpret_cast<const float*>(kh + p.k.L.code_bytes + 4 * (off0 + 8 * t + g));
-          vs[t] = *reinterpret_cast<const float*>(vh + p.v.L.code_bytes + 4 * (off0 + 8 * t + g));
-        }
+    }
+  };
+  const uint8_t *kh = nullptr, *vh = nullptr;
+  int scol = 0, off0 = 0;
+  if constexpr (kPipe) {
+    step_heads(w0, kh, vh, scol, off0);
+    if (kh != nullptr) {
+      load_keys(kh, off0);
+      load_values(vh, off0);
+    }
+  }
+
+  for (int st = w0; st < lim; st += kStep) {
+    if constexpr (!kPipe) step_heads(st, kh, vh, scol, off0);
+    const bool fast = kh != nullptr;
+    const bool clean = fast && mask == nullptr && st >= clean_lo && st + kStep <= clean_hi;
+    const uint8_t *nkh = nullptr, *nvh = nullptr;  // the next step's (kPipe)
+    int nscol = 0, noff0 = 0;
+    if constexpr (kPipe) step_heads(st + kStep, nkh, nvh, nscol, noff0);
+    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
+    uint32_t vr[2][LV];  // value pairs (tokens 2c + 8 P, 2c + 8 P + 1) of the lane's channels
+    bool tok_ok[2] = {true, true};
+    float gks[2] = {1.0f, 1.0f}, gvs[2] = {1.0f, 1.0f};  // generic step's kTS scales
+    Tok kt[2], vt[2];
+    if (fast) {
+      if constexpr (!kPipe) {
+        load_keys(kh, off0);
+        load_values(vh, off0);
       }
       if constexpr (kFold) {
         const int grp = off0 >> kg_shift;
@@ -316,43 +382,23 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
         sc[2] += kb[0];
         sc[3] += kb[1];
       }
-      // Values as (token a, token b) pairs of one channel, the A-fragment order.
-#pragma unroll
-      for (int P = 0; P < 2; ++P) {
-        const uint32_t* wa = vw[2 * P];
-        const uint32_t* wb = vw[2 * P + 1];
-        if constexpr (FD == Feed::kPass) {
-#pragma unroll
-          for (int i = 0; i < VW; ++i) {
-            vr[P][2 * i] = __byte_perm(wa[i], wb[i], 0x5410);
-            vr[P][2 * i + 1] = __byte_perm(wa[i], wb[i], 0x7632);
-          }
-        } else if constexpr (kTS) {
-#pragma unroll
-          for (int i = 0; i < VW; ++i) value_words<F>(wa[i], wb[i], &vr[P][4 * i]);
-        } else {  // raw codes: vr[P][8 j + i] = channel 64 j + 8 g + i, 1024 + code (odd i: HIV x code)
-#pragma unroll
-          for (int j = 0; j < NC; ++j) {
-            if constexpr (BITS == 4) {
-              unpack_lohi<4, __half>(__byte_perm(wa[j], wb[j], 0x5410), kMagic2<__half>, &vr[P][8 * j]);
-              unpack_lohi<4, __half>(__byte_perm(wa[j], wb[j], 0x7632), kMagic2<__half>, &vr[P][8 * j + 4]);
-            } else {
-              unpack_lohi<2, __half>(__byte_perm(wa[j], wb[j], 0x5410), kMagic2<__half>, &vr[P][8 * j]);
-            }
-          }
-        }
+      if constexpr (kTS) {
+        gks[0] = ks[0];
+        gks[1] = ks[1];
+        gvs[0] = vs[0];
+        gvs[1] = vs[1];
       }
+      if constexpr (!kPipe) unpack_values(vr);
     } else {
       // Generic step: entries one by one (block edges, the dense tail, absent blocks), dequantized in
       // fp32 and rounded; scores against the unfolded query.
-      Tok kt[2], vt[2];
 #pragma unroll
       for (int t = 0; t < 2; ++t) {
         kt[t] = sp.at(st + 8 * t + g, wlo, lim, &vt[t]);
         tok_ok[t] = kt[t].ok;
         if constexpr (kTS) {
-          ks[t] = token_scale(p.k.L, kt[t]);
-          vs[t] = token_scale(p.v.L, vt[t]);
+          gks[t] = token_scale(p.k.L, kt[t]);
+          gvs[t] = token_scale(p.v.L, vt[t]);
         }
       }
 #pragma unroll
@@ -375,29 +421,12 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
                                  pack2<TK>(xa[ch[2]], xa[ch[3]]), pack2<TK>(xb[ch[2]], xb[ch[3]])), b.x, b.y);
         }
       }
-#pragma unroll
-      for (int P = 0; P < 2; ++P) {
-        Tok ta, tb;
-        sp.at(st + 8 * P + 2 * c, wlo, lim, &ta);
-        sp.at(st + 8 * P + 2 * c + 1, wlo, lim, &tb);
-#pragma unroll
-        for (int q = 0; q < VCH; ++q) {  // kFold: the fast step's channels, odd ones times HIV
-          const int c0 = kFold ? 64 * q + 8 * g : g * LV + 8 * q;
-          float xa[8], xb[8];
-          entry8<F, Role::kValue, FD>(p, p.v.L, ta, p.vt, p.vts, s, h, c0, nullptr, xa);
-          entry8<F, Role::kValue, FD>(p, p.v.L, tb, p.vt, p.vts, s, h, c0, nullptr, xb);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float mul = i % 2 ? static_cast<float>(HIV) : 1.0f;
-            vr[P][8 * q + i] = pack2<TV>(xa[i] * mul, xb[i] * mul);
-          }
-        }
-      }
     }
+    if (kPipe && nkh != nullptr) load_keys(nkh, noff0);  // this step's keys are spent
     // Scale, cap, mask (base-2 logits); online softmax per row over the 16 tokens (lanes g = 0..7).
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      float v = sc[i] * qk_scale * ks[i >> 1];
+      float v = sc[i] * qk_scale * gks[i >> 1];
       if (softcap) v = p.softcap * tanhf(v / p.softcap) * kLog2e;
       if (!clean) {
         const int e = st + 8 * (i >> 1) + g;
@@ -439,26 +468,16 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
       }
     }
     // P^T as the B fragment (times the value scale for kTS: P diag(s) codes = P V).
-    const uint32_t b0 = transpose8x8(pack2<TV>(sc[0] * vs[0], sc[1] * vs[0]));
-    const uint32_t b1 = transpose8x8(pack2<TV>(sc[2] * vs[1], sc[3] * vs[1]));
-    if constexpr (kFold) {
-      // Fast steps: chunk j's m-tiles take P^T times the tokens' value scales of chunk j (the raw codes
-      // on A); m-tile 4 j + i holds channels 64 j + 8 g + value_lane_channel(i) (row g) and + 2 (row
-      // g + 8), so one tile's codes share a scale. cz collects the rest: in row g, -1024 times chunk
-      // g % NC's scaled P^T (the magic's share, the same in odd tiles, which are then divided by HIV);
-      // in row g + 8, chunk g % NC's zeros against P^T.
-      uint32_t bq[NC][2];
-#pragma unroll
-      for (int j = 0; j < NC; ++j) {
-        bq[j][0] = fast ? h2_bits(__hmul2(as_h2(b0), as_h2(__byte_perm(vm[0][j], vm[1][j], 0x5410)))) : b0;
-        bq[j][1] = fast ? h2_bits(__hmul2(as_h2(b1), as_h2(__byte_perm(vm[2][j], vm[3][j], 0x5410)))) : b1;
-      }
-#pragma unroll
-      for (int t = 0; t < KS; ++t) {
-        const int cg = 8 * (t / 4) + value_lane_channel(t % 4);
-        mma<TV>(o[t], make_uint4(vr[0][cg], vr[0][cg + 2], vr[1][cg], vr[1][cg + 2]), bq[t / 4][0], bq[t / 4][1]);
-      }
-      if (fast) {
+    const uint32_t b0 = transpose8x8(pack2<TV>(sc[0] * gvs[0], sc[1] * gvs[0]));
+    const uint32_t b1 = transpose8x8(pack2<TV>(sc[2] * gvs[1], sc[3] * gvs[1]));
+    // kFold fast steps: chunk j's m-tiles take P^T times the tokens' value scales of chunk j (the raw
+    // codes on A); m-tile 4 j + i holds channels 64 j + 8 g + value_lane_channel(i) (row g) and + 2
+    // (row g + 8), so one tile's codes share a scale. cz collects the rest: in row g, -1024 times
+    // chunk g % NC's scaled P^T (the magic's share, the same in odd tiles, which are then divided by
+    // HIV); in row g + 8, chunk g % NC's zeros against P^T (za, zb).
+    uint32_t bq[kFold ? NC : 1][2], za = 0u, zb = 0u;
+    if (fast) {
+      if constexpr (kFold) {
         const int jg = g % NC;
         uint32_t zs[4];
 #pragma unroll
@@ -467,17 +486,64 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D)) attention_d
 #pragma unroll
           for (int j = 1; j < NC; ++j) zs[t] = jg == j ? vm[t][j] : zs[t];
         }
-        const uint32_t za = __byte_perm(zs[0], zs[1], 0x7632), zb = __byte_perm(zs[2], zs[3], 0x7632);
+        za = __byte_perm(zs[0], zs[1], 0x7632);
+        zb = __byte_perm(zs[2], zs[3], 0x7632);
+#pragma unroll
+        for (int j = 0; j < NC; ++j) {
+          bq[j][0] = h2_bits(__hmul2(as_h2(b0), as_h2(__byte_perm(vm[0][j], vm[1][j], 0x5410))));
+          bq[j][1] = h2_bits(__hmul2(as_h2(b1), as_h2(__byte_perm(vm[2][j], vm[3][j], 0x5410))));
+        }
+      }
+      if constexpr (kPipe) unpack_values(vr);
+    } else {
+#pragma unroll
+      for (int j = 0; j < (kFold ? NC : 1); ++j) {
+        bq[j][0] = b0;
+        bq[j][1] = b1;
+      }
+#pragma unroll
+      for (int P = 0; P < 2; ++P) {
+        Tok ta, tb;
+        sp.at(st + 8 * P + 2 * c, wlo, lim, &ta);
+        sp.at(st + 8 * P + 2 * c + 1, wlo, lim, &tb);
+#pragma unroll
+        for (int q = 0; q < VCH; ++q) {  // kFold: the fast step's channels, odd ones times HIV
+          const int c0 = kFold ? 64 * q + 8 * g : g * LV + 8 * q;
+          float xa[8], xb[8];
+          entry8<F, Role::kValue, FD>(p, p.v.L, ta, p.vt, p.vts, s, h, c0, nullptr, xa);
+          entry8<F, Role::kValue, FD>(p, p.v.L, tb, p.vt, p.vts, s, h, c0, nullptr, xb);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const float mul = i % 2 ? static_cast<float>(HIV) : 1.0f;
+            vr[P][8 * q + i] = pack2<TV>(xa[i] * mul, xb[i] * mul);
+          }
+        }
+      }
+    }
+    if (kPipe && nkh != nullptr) load_values(nvh, noff0);  // this step's values are spent
+    if constexpr (kFold) {
+#pragma unroll
+      for (int t = 0; t < KS; ++t) {
+        const int cg = 8 * (t / 4) + value_lane_channel(t % 4);
+        mma<TV>(o[t], make_uint4(vr[0][cg], vr[0][cg + 2], vr[1][cg], vr[1][cg + 2]), bq[t / 4][0], bq[t / 4][1]);
+      }
+      if (fast) {
         mma<__half>(cz, make_uint4(0u, za, 0u, zb), b0, b1);
 #pragma unroll
         for (int j = 0; j < NC; ++j) {
-          const uint32_t a = jg == j ? 0xe400e400u : 0u;  // -1024 in fp16
+          const uint32_t a = g % NC == j ? 0xe400e400u : 0u;  // -1024 in fp16
           mma<__half>(cz, make_uint4(a, 0u, a, 0u), bq[j][0], bq[j][1]);
         }
       }
     } else {
 #pragma unroll
       for (int t = 0; t < KS; ++t) mma<TV>(o[t], make_uint4(vr[0][2 * t], vr[0][2 * t + 1], vr[1][2 * t], vr[1][2 * t + 1]), b0, b1);
+    }
+    if constexpr (kPipe) {
+      kh = nkh;
+      vh = nvh;
+      scol = nscol;
+      off0 = noff0;
     }
   }
 
@@ -569,7 +635,9 @@ bool attention_decode_supported(const AttentionParams& p) {
 }
 
 int attention_decode_blocks_per_sm(const AttentionParams& p) {
-  return decode_blocks_per_sm(static_cast<int>(p.head_dim()));
+  const Format f = p.k.layout.format;
+  const Feed fd = f == Format::kInt4 || f == Format::kInt2 ? Feed::kFold : Feed::kPass;  // as launch_format
+  return decode_blocks_per_sm(static_cast<int>(p.head_dim()), fd);
 }
 
 cudaError_t attention_decode_launch(const KParams& k, cudaStream_t stream) {
