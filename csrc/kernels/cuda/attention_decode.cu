@@ -14,7 +14,11 @@
 // [g D/8, (g + 1) D/8), m-tile mt holding channels g D/8 + 2 mt (row g) and + 1 (row g + 8). Codes
 // reach the mma as in attention_mma.cu (mma_feed.cuh): 16-bit pages as stored, int8 / fp8 as unscaled
 // codes with the token scales on the score and the probability, int4 / int2 with the key group's
-// scale folded into the query. Grid (split, KV head, sequence), 4 warps each walking a contiguous run
+// scale folded into the query. int4 / int2 values (groups of >= 64 channels) also reach the mma as raw
+// codes: each 64-channel chunk's m-tiles take P^T times the tokens' scales of that chunk, and 1 + D/64
+// correction mmas per step carry the zeros and the codes' magic offset (see the P V step); codes
+// unpack in one LOP3 per pair (unpack_lohi). Grid (split, KV head, sequence), 4 warps per block (3
+// blocks per SM for int4 / int2, which pipeline their loads one step ahead; 4 otherwise), each walking a contiguous run
 // of aligned 16-token steps with its own online softmax (base-2 exponentials), merged in shared memory;
 // partial results go to the merge kernel (attention.cu).
 #include <climits>
