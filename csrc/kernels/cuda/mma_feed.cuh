@@ -51,7 +51,8 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint4& a, uint32_t b0, 
 // to the mma as small integers, unpacked two at a time by bit operations; the key group's per-channel
 // scale is folded into the query (q' = q * scale, once per group) and its zero into a per-row bias;
 // values are dequantized two tokens at a time in fp16 (one subtract and one fused multiply-add per
-// pair) and P V runs in fp16 whatever the model dtype.
+// pair; the decode kernel instead folds value scales into P, attention_decode.cu) and P V runs in fp16
+// whatever the model dtype.
 enum class Feed { kPass, kTokenScale, kDequant, kFold };
 
 template <Format F, typename T>
