@@ -76,11 +76,11 @@ __device__ __forceinline__ constexpr int value_lane_channel(int i) { return 4 * 
 // the step at four (128 registers), head_dim 256 at two. Measured (ncu cycles, H100, b8 32/8 d128
 // 32k; benchmarks/RESULTS.md): int4 pipelined 370k at four (spills), 279k at three, unpipelined 307k
 // at four; int8 pipelined 401k at four, 380k at three, unpipelined 327k at four.
-constexpr bool decode_pipelined(Feed fd) { return fd == Feed::kFold; }
-constexpr int decode_blocks_per_sm(int D, Feed fd) { return D == 256 ? 2 : decode_pipelined(fd) ? 3 : 4; }
+constexpr bool decode_pipelined(Format f) { return f == Format::kInt4 || f == Format::kInt2; }
+constexpr int decode_blocks_per_sm(int D, Format f) { return D == 256 ? 2 : decode_pipelined(f) ? 3 : 4; }
 
 template <int D, Format F, typename T, Feed FD>
-__global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, FD)) attention_decode_kernel(const __grid_constant__ KParams p) {
+__global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attention_decode_kernel(const __grid_constant__ KParams p) {
   constexpr int KS = D / 16;   // k-steps of S^T and m-tiles of O^T
   constexpr int LK = D / 4;    // key channels per lane
   constexpr int LV = D / 8;    // value channels per lane
@@ -212,7 +212,8 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, FD)) attenti
   // loaded before the step begins, the next step's keys once this step's keys went into the score
   // mma, its values once this step's values are unpacked, so one step's loads overlap the math of the
   // one before; otherwise loaded at the start of the step.
-  constexpr bool kPipe = decode_pipelined(FD);
+  constexpr bool kPipe = decode_pipelined(F);
+  static_assert(!(kPipe && kTS), "ks / vs would hold the next step's scales during a generic step");
   uint32_t kw[2][KW], vw[4][kFold ? NC : VW], vm[4][kFold ? NC : 1];
   float ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};  // kTS: scales of tokens g, g + 8
   // A step's page-head pair (null when not fast: not whole in the warp's range or in one existing block).
@@ -276,10 +277,10 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, FD)) attenti
 #pragma unroll
         for (int j = 0; j < NC; ++j) {
           if constexpr (BITS == 4) {
-            unpack_lohi<4, __half>(__byte_perm(wa[j], wb[j], 0x5410), kMagic2<__half>, &vr[P][8 * j]);
-            unpack_lohi<4, __half>(__byte_perm(wa[j], wb[j], 0x7632), kMagic2<__half>, &vr[P][8 * j + 4]);
+            unpack_lohi<4, __half>(__byte_perm(wa[j], wb[j], 0x5410), &vr[P][8 * j]);
+            unpack_lohi<4, __half>(__byte_perm(wa[j], wb[j], 0x7632), &vr[P][8 * j + 4]);
           } else {
-            unpack_lohi<2, __half>(__byte_perm(wa[j], wb[j], 0x5410), kMagic2<__half>, &vr[P][8 * j]);
+            unpack_lohi<2, __half>(__byte_perm(wa[j], wb[j], 0x5410), &vr[P][8 * j]);
           }
         }
       }
@@ -305,8 +306,6 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, FD)) attenti
     float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
     uint32_t vr[2][LV];  // value pairs (tokens 2c + 8 P, 2c + 8 P + 1) of the lane's channels
     bool tok_ok[2] = {true, true};
-    float gks[2] = {1.0f, 1.0f}, gvs[2] = {1.0f, 1.0f};  // generic step's kTS scales
-    Tok kt[2], vt[2];
     if (fast) {
       if constexpr (!kPipe) {
         load_keys(kh, off0);
@@ -372,8 +371,8 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, FD)) attenti
 #pragma unroll
         for (int jw = 0; jw < KW; ++jw) {
           uint32_t ra[PW / 2], rb[PW / 2];
-          unpack_lohi<BITS, T>(kw[0][jw], kMagic2<T>, ra);
-          unpack_lohi<BITS, T>(kw[1][jw], kMagic2<T>, rb);
+          unpack_lohi<BITS, T>(kw[0][jw], ra);
+          unpack_lohi<BITS, T>(kw[1][jw], rb);
 #pragma unroll
           for (int u = 0; u < KPW; ++u)
             mma<TK>(sc, make_uint4(ra[2 * u], rb[2 * u], ra[2 * u + 1], rb[2 * u + 1]), qa[KPW * jw + u][0],
@@ -386,23 +385,18 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, FD)) attenti
         sc[2] += kb[0];
         sc[3] += kb[1];
       }
-      if constexpr (kTS) {
-        gks[0] = ks[0];
-        gks[1] = ks[1];
-        gvs[0] = vs[0];
-        gvs[1] = vs[1];
-      }
       if constexpr (!kPipe) unpack_values(vr);
     } else {
       // Generic step: entries one by one (block edges, the dense tail, absent blocks), dequantized in
       // fp32 and rounded; scores against the unfolded query.
+      Tok kt[2], vt[2];
 #pragma unroll
       for (int t = 0; t < 2; ++t) {
         kt[t] = sp.at(st + 8 * t + g, wlo, lim, &vt[t]);
         tok_ok[t] = kt[t].ok;
         if constexpr (kTS) {
-          gks[t] = token_scale(p.k.L, kt[t]);
-          gvs[t] = token_scale(p.v.L, vt[t]);
+          ks[t] = token_scale(p.k.L, kt[t]);
+          vs[t] = token_scale(p.v.L, vt[t]);
         }
       }
 #pragma unroll
@@ -430,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, FD)) attenti
     // Scale, cap, mask (base-2 logits); online softmax per row over the 16 tokens (lanes g = 0..7).
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      float v = sc[i] * qk_scale * gks[i >> 1];
+      float v = sc[i] * qk_scale * ks[i >> 1];
       if (softcap) v = p.softcap * tanhf(v / p.softcap) * kLog2e;
       if (!clean) {
         const int e = st + 8 * (i >> 1) + g;
@@ -472,8 +466,8 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, FD)) attenti
       }
     }
     // P^T as the B fragment (times the value scale for kTS: P diag(s) codes = P V).
-    const uint32_t b0 = transpose8x8(pack2<TV>(sc[0] * gvs[0], sc[1] * gvs[0]));
-    const uint32_t b1 = transpose8x8(pack2<TV>(sc[2] * gvs[1], sc[3] * gvs[1]));
+    const uint32_t b0 = transpose8x8(pack2<TV>(sc[0] * vs[0], sc[1] * vs[0]));
+    const uint32_t b1 = transpose8x8(pack2<TV>(sc[2] * vs[1], sc[3] * vs[1]));
     // kFold fast steps: chunk j's m-tiles take P^T times the tokens' value scales of chunk j (the raw
     // codes on A); m-tile 4 j + i holds channels 64 j + 8 g + value_lane_channel(i) (row g) and + 2
     // (row g + 8), so one tile's codes share a scale. cz collects the rest: in row g, -1024 times
@@ -639,9 +633,7 @@ bool attention_decode_supported(const AttentionParams& p) {
 }
 
 int attention_decode_blocks_per_sm(const AttentionParams& p) {
-  const Format f = p.k.layout.format;
-  const Feed fd = f == Format::kInt4 || f == Format::kInt2 ? Feed::kFold : Feed::kPass;  // as launch_format
-  return decode_blocks_per_sm(static_cast<int>(p.head_dim()), fd);
+  return decode_blocks_per_sm(static_cast<int>(p.head_dim()), p.k.layout.format);
 }
 
 cudaError_t attention_decode_launch(const KParams& k, cudaStream_t stream) {

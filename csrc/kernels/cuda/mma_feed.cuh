@@ -104,14 +104,14 @@ constexpr int kHiShift = BITS == 4 && std::is_same_v<T, __nv_bfloat16> ? 1 : 0;
 template <int BITS, typename T>
 constexpr int kHi = (1 << BITS) >> kHiShift<BITS, T>;
 template <int BITS, typename T>
-__device__ __forceinline__ void unpack_lohi(uint32_t w, uint32_t magic, uint32_t* r) {
+__device__ __forceinline__ void unpack_lohi(uint32_t w, uint32_t* r) {
   constexpr uint32_t lo = BITS == 4 ? 0x000f000fu : 0x00030003u;
   constexpr int hs = kHiShift<BITS, T>;
 #pragma unroll
   for (int u = 0; u < 8 / BITS; ++u) {
     const uint32_t y = w >> (2 * BITS * u);
-    r[2 * u] = and_or<lo>(y, magic);
-    r[2 * u + 1] = and_or<((lo << BITS) >> hs)>(hs ? y >> hs : y, magic);
+    r[2 * u] = and_or<lo>(y, kMagic2<T>);
+    r[2 * u + 1] = and_or<((lo << BITS) >> hs)>(hs ? y >> hs : y, kMagic2<T>);
   }
 }
 
