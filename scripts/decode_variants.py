@@ -1,6 +1,8 @@
 """Decode step time of one format with cache options at their defaults and changed (GPU), alternating,
-and optionally the top ops of three default steps. Variants: defaults; neither (exact_prefix=0,
-value_rotation=False); nocheck (check_finite=False).
+and optionally the top ops of three steps of the first variant. Variants: defaults; neither
+(exact_prefix=0, value_rotation=False); nocheck (check_finite=False); dynamic (DynamicCache + sdpa, the
+baseline). Each variant reports the median step (synchronized) and the median host time of a step (until
+the forward returns, before the synchronization): the host's share of a step.
 
 python scripts/decode_variants.py --fmt int4 --batch 16 --prompt 16384 --new 64 --variants defaults nocheck
 """
@@ -12,12 +14,14 @@ import pstats
 import time
 
 import torch
+from transformers import DynamicCache
 
 from pagedkv import PagedKVCache
 from pagedkv.bench.generate import llama32_1b, prompt_ids
 
 
-VARIANTS = {"defaults": {}, "neither": dict(exact_prefix=0, value_rotation=False), "nocheck": dict(check_finite=False)}
+VARIANTS = {"defaults": {}, "neither": dict(exact_prefix=0, value_rotation=False), "nocheck": dict(check_finite=False),
+            "dynamic": None}
 
 
 def main() -> None:
@@ -28,20 +32,26 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--variants", nargs="+", default=["defaults", "neither"], choices=sorted(VARIANTS))
     ap.add_argument("--profile", action="store_true", help="print the top ops of three steps of the first variant")
+    ap.add_argument("--sort", default="cuda_time_total", help="profiler table order (cpu_time_total, "
+                    "self_cpu_time_total, cuda_time_total, ...)")
     ap.add_argument("--cprofile", action="store_true", help="print the Python functions with the most host time "
                     "over the decode steps of the first variant")
     args = ap.parse_args()
     dev = torch.device("cuda")
     model = llama32_1b(dev, torch.bfloat16)
-    model.set_attn_implementation("pagedkv")
     ids = prompt_ids(model, args.batch, args.prompt, dev, False)
     for name in args.variants * 2:  # alternate: order effects
         kw = VARIANTS[name]
-        cache = PagedKVCache(model.config, kv_format=args.fmt, **kw)
+        if kw is None:
+            cache = DynamicCache(config=model.config)
+            model.set_attn_implementation("sdpa")
+        else:
+            cache = PagedKVCache(model.config, kv_format=args.fmt, **kw)
+            model.set_attn_implementation("pagedkv")
         with torch.no_grad():
             out = model(ids, past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
-            times = []
+            times, host = [], []
             prof_py = cProfile.Profile() if args.cprofile and name == args.variants[0] else None
             if prof_py is not None:
                 prof_py.enable()
@@ -50,6 +60,7 @@ def main() -> None:
                 t = time.perf_counter()
                 out = model(tok, past_key_values=cache, use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1)
+                host.append(time.perf_counter() - t)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
             if prof_py is not None:
@@ -63,10 +74,12 @@ def main() -> None:
                         out = model(tok, past_key_values=cache, use_cache=True)
                         tok = out.logits[:, -1:].argmax(-1)
                     torch.cuda.synchronize()
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+                print(prof.key_averages().table(sort_by=args.sort, row_limit=25))
                 args.profile = False
         times.sort()
-        print(f"{args.fmt} {name}: median decode step {1e3 * times[len(times) // 2]:.2f} ms", flush=True)
+        host.sort()
+        print(f"{args.fmt if kw is not None else 'bf16'} {name}: median decode step {1e3 * times[len(times) // 2]:.2f} ms, "
+              f"host {1e3 * host[len(host) // 2]:.2f} ms", flush=True)
         del cache, out
         torch.cuda.empty_cache()
 

@@ -77,10 +77,12 @@ auto translate_errors(F&& f) -> decltype(f()) {
 }
 
 // Checks the arguments and builds host-side params (validated: nothing is written on failure).
-// `slots` receives the contiguous slot tensor the params point into.
+// `slots` receives the contiguous slot tensor the params point into: a host copy when
+// `validate_slots` (the slots are then checked), else slot_mapping itself (CUDA graph capture, where
+// the host cannot read device memory).
 inline AppendParams prepare_append(const at::Tensor& src, at::TensorList pages, const at::Tensor& slot_mapping,
                    int64_t format, int64_t role, int64_t group, int64_t block_size,
-                   int64_t blocks_per_chunk, ChunkList& holder, at::Tensor& slots) {
+                   int64_t blocks_per_chunk, ChunkList& holder, at::Tensor& slots, bool validate_slots = true) {
   TORCH_CHECK_VALUE(src.dim() == 3, "src must be [num_tokens, num_kv_heads, head_dim], got shape ", src.sizes());
   TORCH_CHECK_VALUE(src.stride(2) == 1, "src must be contiguous in head_dim, got strides ", src.strides());
   TORCH_CHECK_TYPE(slot_mapping.scalar_type() == at::kLong, "slot_mapping must be int64, got ", slot_mapping.scalar_type());
@@ -89,7 +91,7 @@ inline AppendParams prepare_append(const at::Tensor& src, at::TensorList pages, 
   TORCH_CHECK_VALUE(slot_mapping.device() == src.device(), "slot_mapping is on ", slot_mapping.device(),
                     " but src is on ", src.device());
   // Validation reads indices on the host (a no-op copy for CPU tensors).
-  slots = slot_mapping.to(at::kCPU).contiguous();
+  slots = validate_slots ? slot_mapping.to(at::kCPU).contiguous() : slot_mapping.contiguous();
   const PageLayout layout = translate_errors([&] {
     return make_page_layout(to_format(format), to_role(role), static_cast<int32_t>(src.size(1)),
                             static_cast<int32_t>(src.size(2)), static_cast<int32_t>(block_size),
@@ -103,7 +105,7 @@ inline AppendParams prepare_append(const at::Tensor& src, at::TensorList pages, 
   p.token_stride = src.stride(0);
   p.head_stride = src.stride(1);
   p.slot_mapping = slots.data_ptr<int64_t>();
-  translate_errors([&] { append_validate(p); });
+  if (validate_slots) translate_errors([&] { append_validate(p); });
   return p;
 }
 

@@ -1,6 +1,7 @@
 // CUDA implementations of the pagedkv ops: the same checks as on CPU (indices validated on the
 // host), then device pointers, the current stream, a device guard and a launch check.
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "checks.h"
@@ -8,15 +9,37 @@
 #include "cuda/kv_cuda.h"
 
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <vector>
 
 namespace pagedkv {
 namespace {
 
-// Chunk base pointers as a device array (kept alive by the returned tensor).
+bool stream_capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// Chunk base pointers as a device array. Tables are cached by their contents (a pointer list maps to
+// a tensor holding exactly those values, so an entry never goes stale), which saves a host-to-device
+// copy per call and lets a CUDA graph capture the call: a capture may not copy from pageable host
+// memory, so the table must exist before it (the graph decoder runs each step once eagerly first).
 at::Tensor device_chunk_table(const ChunkList& holder, const at::Device& device) {
-  std::vector<int64_t> ptrs(holder.ptrs.size());
-  for (size_t i = 0; i < ptrs.size(); ++i) ptrs[i] = reinterpret_cast<int64_t>(holder.ptrs[i]);
-  return at::tensor(ptrs, at::kLong).to(device);  // one host-to-device copy, no per-element tensor ops
+  std::vector<int64_t> ptrs(holder.ptrs.size() + 1);
+  for (size_t i = 0; i < holder.ptrs.size(); ++i) ptrs[i] = reinterpret_cast<int64_t>(holder.ptrs[i]);
+  ptrs.back() = device.index();  // the key's last entry: the device
+  static std::mutex mu;
+  static std::map<std::vector<int64_t>, at::Tensor> cache;
+  constexpr size_t kMaxEntries = 4096;  // a cache of many models' layers; cleared whole when full
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(ptrs);
+  if (it != cache.end()) return it->second;
+  TORCH_CHECK(!stream_capturing(), "pagedkv: a page chunk table was first needed during CUDA graph capture; run "
+              "the captured step once eagerly before capturing it");
+  if (cache.size() >= kMaxEntries && !stream_capturing()) cache.clear();
+  at::Tensor t = at::tensor(at::ArrayRef<int64_t>(ptrs.data(), ptrs.size() - 1), at::kLong).to(device);
+  cache.emplace(std::move(ptrs), t);
+  return t;
 }
 
 void append_cuda_op(const at::Tensor& src, at::TensorList pages, const at::Tensor& slot_mapping, int64_t format,
@@ -24,8 +47,10 @@ void append_cuda_op(const at::Tensor& src, at::TensorList pages, const at::Tenso
   const at::cuda::CUDAGuard guard(src.device());
   ChunkList holder;
   at::Tensor slots_host;
+  // Under CUDA graph capture the slots cannot be read on the host: they come unchecked from the
+  // caller (pagedkv.GraphDecoder computes them from its own block table).
   AppendParams p = prepare_append(src, pages, slot_mapping, format, role, group, block_size, blocks_per_chunk,
-                                  holder, slots_host);
+                                  holder, slots_host, !stream_capturing());
   const at::Tensor slots = slot_mapping.contiguous();
   const at::Tensor table = device_chunk_table(holder, src.device());
   p.slot_mapping = slots.data_ptr<int64_t>();

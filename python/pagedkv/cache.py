@@ -211,6 +211,7 @@ class PagedKVCache(Cache):
         self.rotary = rotary
         self._token_ids: torch.Tensor | None = None
         self._exact_mask: tuple | None = None  # (padding, (begin, lead, end), reordered): see _exact_order_mask
+        self._static: Any = None  # a GraphDecoder's StaticDecodeState while one runs (graph_decode.py)
         layers = [PagedLayer(self, i, mw, w, sink_tokens if mw is None and w is not None else 0,
                              store.exact_layers[i], store.rotated_layers[i])
                   for i, (mw, w) in enumerate(zip(store.model_windows, store.windows))]
@@ -252,6 +253,10 @@ class PagedKVCache(Cache):
     # ------------------------------------------------------------------------------------------
     # validation
     # ------------------------------------------------------------------------------------------
+    def _check_not_static(self, what: str) -> None:
+        if self._static is not None:
+            raise RuntimeError(f"{what} is not available while a GraphDecoder runs on this cache: close() it first")
+
     def _check_layer_idx(self, layer_idx: Any) -> int:
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
             raise TypeError(f"layer_idx must be an int, got {type(layer_idx).__name__} {layer_idx!r}")
@@ -313,6 +318,8 @@ class PagedKVCache(Cache):
         """Store ``key/value_states [batch, num_kv_heads, seq_len, head_dim]`` of one layer and return
         the layer's dense K/V (what ``DynamicCache`` would return)."""
         layer_idx = self._check_layer_idx(layer_idx)
+        if self._static is not None:
+            return self._static.update(key_states, value_states, layer_idx)
         self._check_states(key_states, value_states)
         layer = self.layers[layer_idx]
         group = self._group_of[layer_idx]
@@ -486,7 +493,8 @@ class PagedKVCache(Cache):
         """The padding mask in the fused op's entry order with exact leading positions moved to the tail;
         built once per step (the layers of a step share the mask object; an in-place edit of it bumps
         its version and rebuilds)."""
-        key = (begin, lead, end, padding._version)
+        # Inference tensors keep no version counter: the object identity alone keys them.
+        key = (begin, lead, end, -1 if padding.is_inference() else padding._version)
         hit = self._exact_mask
         if hit is not None and hit[0] is padding and hit[1] == key:
             return hit[2]
@@ -532,6 +540,7 @@ class PagedKVCache(Cache):
 
     def _reorder_rows(self, order: list[int]) -> None:
         """Batch row ``i`` becomes old row ``order[i]``: block tables are forked, never copied."""
+        self._check_not_static("reorder_rows")
         if self._batch_size is None:
             return
         for j in order:
@@ -571,6 +580,7 @@ class PagedKVCache(Cache):
     def crop(self, max_length: int) -> None:
         """Drop the newest tokens (assisted decoding). ``crop(-n)`` removes ``n`` tokens; on transformers
         versions whose ``crop`` takes a length, ``crop(n >= 0)`` keeps the first ``n``."""
+        self._check_not_static("crop")
         if isinstance(max_length, torch.Tensor) and max_length.numel() == 1 and not max_length.is_floating_point():
             max_length = int(max_length)  # transformers 5.17's assisted decoding passes a 0-d tensor
         if isinstance(max_length, bool) or not isinstance(max_length, int):
@@ -626,6 +636,7 @@ class PagedKVCache(Cache):
         """Hand this cache's sequences back to the store: blocks registered in the prefix cache stay
         cached (evictable once nothing references them), the others are freed. The cache is empty and
         reusable afterwards."""
+        self._check_not_static("release")
         for layer in self.layers:
             layer.reset()
         for g in self._groups:
@@ -683,6 +694,7 @@ class PagedKVCache(Cache):
         empty cache: its blocks gain a reference, nothing is recomputed. Returns the number of positions
         attached (whole blocks, the same for every row, and at most ``seq_len - 1`` so the model still
         computes the last prompt token). The caller then runs the model on ``input_ids[:, attached:]``."""
+        self._check_not_static("attach_prefix")
         self._require_prefix_caching("attach_prefix")
         if self._batch_size is not None:
             raise RuntimeError("attach_prefix needs an empty cache; call release() first")
@@ -727,6 +739,7 @@ class PagedKVCache(Cache):
         number of blocks newly cached. ``priority`` orders the ``"priority"`` eviction policy; ``pin=True``
         keeps the blocks until :meth:`KVStore.unpin`. ``flush=True`` first quantizes the whole blocks of the
         full-precision residual window into pages (grouped formats), so every full block can be shared."""
+        self._check_not_static("cache_prefix")
         self._require_prefix_caching("cache_prefix")
         if self._batch_size is None:
             return 0
@@ -779,6 +792,7 @@ class PagedKVCache(Cache):
         cached prefix (after registering what it held). Returns the number of positions reused; run the
         model on ``input_ids[:, reused:]``. :func:`pagedkv.generate` and ``model.generate`` after
         :func:`pagedkv.enable_prefix_reuse` call this for you."""
+        self._check_not_static("prepare")
         rows = as_token_rows(input_ids)
         n = len(rows[0])
         if self._batch_size is not None:
@@ -814,6 +828,7 @@ class PagedKVCache(Cache):
     def snapshot(self) -> Any:
         """An opaque record of the cache's state between forward steps, for :meth:`restore`. Valid until the
         cache is reordered, cropped, released or restored past it; a later step only appends."""
+        self._check_not_static("snapshot")
         return (self._batch_size, [(l.num_tokens, l.num_paged, l.residual_keys, l.residual_values, l.sink_keys,
                                     l.sink_values) for l in self.layers],
                 [g.num_paged for g in self._groups], self._token_ids)
@@ -821,6 +836,7 @@ class PagedKVCache(Cache):
     def restore(self, snap: Any) -> None:
         """Roll back to a :meth:`snapshot` taken earlier in the same run of forward steps: positions written
         since are forgotten (their blocks freed). Used when a step fails or is cancelled half-way."""
+        self._check_not_static("restore")
         batch, layers, paged, token_ids = snap
         if batch is None:
             self.release()

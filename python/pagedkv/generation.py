@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pagedkv.cache import PagedKVCache
+from pagedkv.graph_decode import GraphDecoder
 from pagedkv.store import KVStore, tensor_parallel_size
 
 DEFAULT_CHUNK = 2048
@@ -198,7 +199,7 @@ def generate(model: Any, input_ids: torch.Tensor, cache: PagedKVCache | KVStore 
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, streamer: Any = None,
              chunk_size: int | str = DEFAULT_CHUNK, progress: bool = False,
              callback: Callable[[int, int], Any] | None = None, cancel: Any = None,
-             stats: dict | None = None) -> torch.Tensor:
+             stats: dict | None = None, cuda_graph: bool = False) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after ``input_ids [batch, seq_len]``; returns ``[batch, seq_len + new]``.
 
     ``cache``: a :class:`PagedKVCache` (reused across calls: the prefix it already holds, or with prefix
@@ -207,7 +208,10 @@ def generate(model: Any, input_ids: torch.Tensor, cache: PagedKVCache | KVStore 
     cache). Sampling: greedy unless ``do_sample``; then ``temperature``, ``top_k`` and ``top_p`` combine;
     ``seed`` makes it reproducible. ``streamer``: anything with ``put``/``end`` (e.g.
     :class:`pagedkv.CachedTextStreamer`); it first receives the prompt, as with transformers.
-    ``stats``: a dict to receive ``reused_tokens``, ``prefill_tokens`` and ``new_tokens``."""
+    ``stats``: a dict to receive ``reused_tokens``, ``prefill_tokens`` and ``new_tokens``.
+    ``cuda_graph``: decode through a :class:`pagedkv.GraphDecoder` (each step replayed as a CUDA graph;
+    the model must use ``attn_implementation="pagedkv"``, see ``graph_decode.py`` for what it covers). A
+    prompt shorter than the cache's exact prefix starts with eager steps."""
     check_sampling(do_sample, temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -231,6 +235,7 @@ def generate(model: Any, input_ids: torch.Tensor, cache: PagedKVCache | KVStore 
         attention_mask = torch.ones_like(input_ids)
 
     reused = cache.prepare(input_ids)
+    decoder = None
     try:
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -254,18 +259,28 @@ def generate(model: Any, input_ids: torch.Tensor, cache: PagedKVCache | KVStore 
                     break
             if step == max_new_tokens - 1:
                 break
+            if cuda_graph and decoder is None and cache.layers[0].num_paged >= max(l.exact for l in cache.layers):
+                decoder = GraphDecoder(model, cache, max_new_tokens=max_new_tokens - 1 - step, attention_mask=mask)
+            if decoder is not None:
+                logits = decoder.step(nxt[:, None]).float()
+                continue
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos + 1
             with torch.inference_mode():
                 res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
                             use_cache=True)
             logits = res.logits[:, -1].float()
+        if decoder is not None:
+            decoder.close()
+            decoder = None
         if streamer is not None:
             streamer.end()
         cache.token_ids = out
         if cache.prefix_caching:
             cache.cache_prefix()
     finally:
+        if decoder is not None:
+            decoder.close()
         if from_store:
             cache.release()
     if stats is not None:

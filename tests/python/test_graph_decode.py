@@ -1,0 +1,190 @@
+"""GraphDecoder: fixed-shape decode steps (CUDA graphs on a GPU) compute what eager decode computes.
+
+On the CPU the fixed-shape steps run eagerly (the same code a graph captures); the CUDA tests capture
+and replay them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pagedkv
+from models import tiny_config, tiny_model
+
+CUDA = torch.cuda.is_available()
+
+
+def _model(arch="llama", dtype=torch.float32, device="cpu"):
+    model = tiny_model(arch, dtype=dtype).to(device)
+    model.set_attn_implementation("pagedkv")
+    return model
+
+
+def _ids(batch, n, seed=0, device="cpu"):
+    return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _decode(model, cache, ids, steps, *, graph, mask=None, cuda_graph=None):
+    """Prefill, then ``steps`` greedy steps (GraphDecoder or eager); returns the stacked logits."""
+    with torch.inference_mode():
+        out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    tok = out.logits[:, -1:].argmax(-1)
+    mask = torch.ones_like(ids) if mask is None else mask
+    pos = mask.long().sum(-1, keepdim=True) - 1
+    logits = []
+    dec = pagedkv.GraphDecoder(model, cache, max_new_tokens=steps, attention_mask=mask,
+                               cuda_graph=cuda_graph) if graph else None
+    for _ in range(steps):
+        if dec is not None:
+            lg = dec.step(tok).clone()
+        else:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            pos = pos + 1
+            with torch.inference_mode():
+                lg = model(tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits.append(lg.float())
+        tok = lg.argmax(-1, keepdim=True)
+    if dec is not None:
+        dec.close()
+    return torch.stack(logits), tok
+
+
+def _continue(model, cache, tok, steps=20):
+    """Eager greedy steps without a mask (the whole batch is real tokens)."""
+    out = []
+    for _ in range(steps):
+        with torch.inference_mode():
+            lg = model(tok, past_key_values=cache, use_cache=True).logits[:, -1]
+        out.append(lg.float())
+        tok = lg.argmax(-1, keepdim=True)
+    return torch.stack(out)
+
+
+def _state(cache):
+    return [(l.num_tokens, l.num_paged, None if l.residual_keys is None else tuple(l.residual_keys.shape))
+            for l in cache.layers]
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int2", "int8", "fp8_e4m3", "bf16", "nf4"])
+def test_fixed_shape_steps_equal_eager_and_hand_back(fmt):
+    # 150 steps from a 300-token prompt cross several flushes of the residual window (grouped formats)
+    # or page every token (others); after close() the cache continues eagerly from the same state.
+    model = _model()
+    ids = _ids(2, 300)
+    caches = [pagedkv.PagedKVCache(model.config, fmt) for _ in range(2)]
+    eager, tok_e = _decode(model, caches[0], ids, 150, graph=False)
+    static, tok_s = _decode(model, caches[1], ids, 150, graph=True)
+    torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
+    assert _state(caches[1]) == _state(caches[0])
+    torch.testing.assert_close(_continue(model, caches[1], tok_s), _continue(model, caches[0], tok_e), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_left_padding_mask_is_kept():
+    model = _model()
+    ids = _ids(3, 200, seed=1)
+    mask = torch.ones_like(ids)
+    mask[0, :37] = 0
+    mask[2, :5] = 0
+    caches = [pagedkv.PagedKVCache(model.config, "int4") for _ in range(2)]
+    eager, _ = _decode(model, caches[0], ids, 80, graph=False, mask=mask)
+    static, _ = _decode(model, caches[1], ids, 80, graph=True, mask=mask)
+    torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt", [3, 200])
+def test_generate_cuda_graph_option_matches_eager(prompt):
+    # A 3-token prompt starts with eager steps (the exact first position is not paged yet).
+    model = _model()
+    ids = _ids(2, prompt, seed=2)
+    a = pagedkv.generate(model, ids, pagedkv.PagedKVCache(model.config, "int4"), max_new_tokens=230)
+    cache = pagedkv.PagedKVCache(model.config, "int4")
+    b = pagedkv.generate(model, ids, cache, max_new_tokens=230, cuda_graph=True)
+    assert torch.equal(a, b)
+    assert cache._static is None and cache.get_seq_length() == prompt + 229
+
+
+def test_errors_name_the_problem():
+    model = _model()
+    ids = _ids(1, 200)
+    cache = pagedkv.PagedKVCache(model.config, "int4")
+    with pytest.raises(ValueError, match="prefilled"):
+        pagedkv.GraphDecoder(model, cache, max_new_tokens=4)
+    with torch.inference_mode():
+        model(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        pagedkv.GraphDecoder(model, cache, max_new_tokens=0)
+    with pytest.raises(TypeError, match="PagedKVCache"):
+        pagedkv.GraphDecoder(model, object(), max_new_tokens=4)
+    with pytest.raises(ValueError, match="cuda_graph=True"):
+        pagedkv.GraphDecoder(model, cache, max_new_tokens=4, cuda_graph=True) if not CUDA else (_ for _ in ()).throw(
+            ValueError("cuda_graph=True"))
+    before = _state(cache)
+    model.set_attn_implementation("sdpa")
+    try:
+        with pytest.raises(ValueError, match="attn_implementation='pagedkv'"):
+            pagedkv.GraphDecoder(model, cache, max_new_tokens=4)
+    finally:
+        model.set_attn_implementation("pagedkv")
+    with pagedkv.GraphDecoder(model, cache, max_new_tokens=2) as dec:
+        with pytest.raises(RuntimeError, match="already in a GraphDecoder"):
+            pagedkv.GraphDecoder(model, cache, max_new_tokens=2)
+        with pytest.raises(RuntimeError, match="crop is not available"):
+            cache.crop(-1)
+        with pytest.raises(ValueError, match=r"\[batch=1, 1\]"):
+            dec.step(torch.zeros(2, 1, dtype=torch.long))
+        dec.step(torch.zeros(1, 1, dtype=torch.long))
+        dec.step(torch.zeros(1, 1, dtype=torch.long))
+        with pytest.raises(RuntimeError, match="max_new_tokens=2"):
+            dec.step(torch.zeros(1, 1, dtype=torch.long))
+    assert cache._static is None and cache.get_seq_length() == before[0][0] + 2
+    with pytest.raises(RuntimeError, match="closed"):
+        dec.step(torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_budget_exhausted_at_start_leaves_cache_unchanged():
+    model = _model()
+    ids = _ids(1, 200)
+    cache = pagedkv.PagedKVCache(model.config, "int4", max_blocks=4)
+    with torch.inference_mode():
+        model(ids, past_key_values=cache, use_cache=True)
+    before = _state(cache)
+    used = cache.memory_stats()["bytes_used"]
+    with pytest.raises(pagedkv.BudgetExhaustedError):
+        pagedkv.GraphDecoder(model, cache, max_new_tokens=10_000)
+    assert _state(cache) == before and cache.memory_stats()["bytes_used"] == used and cache._static is None
+    assert torch.isfinite(_continue(model, cache, ids[:, -1:], 3)).all()  # still usable
+
+
+def test_sliding_window_models_are_refused():
+    model = _model("gemma3")
+    cache = pagedkv.PagedKVCache(tiny_config("gemma3"), "int4")
+    with torch.inference_mode():
+        model(_ids(1, 100), past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="full-attention"):
+        pagedkv.GraphDecoder(model, cache, max_new_tokens=4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["int4", "int8", "bf16", "int2"])
+def test_cuda_graph_replay_equals_eager(fmt):
+    model = _model(dtype=torch.bfloat16, device="cuda")
+    ids = _ids(4, 300, device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    caches = [pagedkv.PagedKVCache(model.config, fmt) for _ in range(2)]
+    eager, _ = _decode(model, caches[0], ids, 150, graph=False, mask=mask)
+    graph, _ = _decode(model, caches[1], ids, 150, graph=True, mask=mask, cuda_graph=True)
+    # Same kernels on the same values; the op's split of the context may differ (fp32 rounding).
+    torch.testing.assert_close(graph, eager, rtol=2e-2, atol=2e-2)
+    assert (graph.argmax(-1) == eager.argmax(-1)).float().mean() > 0.97
+    assert _state(caches[1]) == _state(caches[0])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_generate_with_graphs_matches_eager_tokens():
+    model = _model(dtype=torch.bfloat16, device="cuda")
+    ids = _ids(2, 250, seed=3, device="cuda")
+    a = pagedkv.generate(model, ids, pagedkv.PagedKVCache(model.config, "int4"), max_new_tokens=100)
+    b = pagedkv.generate(model, ids, pagedkv.PagedKVCache(model.config, "int4"), max_new_tokens=100, cuda_graph=True)
+    assert (a == b).float().mean() > 0.97
