@@ -1,7 +1,9 @@
 """End-to-end ``model.generate`` decode speed and KV memory for every cache, side by side in one run.
 
 Methods: DynamicCache (sdpa); transformers ``QuantizedCache`` with the quanto backend (nbits 4 and 2)
-and the fp8 backend, where installed; pagedkv in each format with ``attn_implementation="pagedkv"``.
+and the fp8 backend, where installed; pagedkv in each format with ``attn_implementation="pagedkv"``
+(``pagedkv-<fmt>``: ``model.generate``; ``pagedkv-<fmt>-graph``: ``pagedkv.generate(cuda_graph=True)``,
+decode steps replayed as CUDA graphs; GPU only).
 Decode tokens/s counts the tokens of every sequence after the first new one (prefill excluded), timed
 by a logits processor at each step. KV memory is the memory the cache still holds after generation.
 
@@ -18,6 +20,7 @@ import time
 import torch
 
 from pagedkv import PagedKVCache
+from pagedkv import generate as pagedkv_generate
 from pagedkv.bench.common import environment, markdown_table, write_json
 
 FORMATS = ["int8", "fp8_e4m3", "int4", "nf4", "int2", "bf16"]
@@ -80,8 +83,24 @@ def make_cache(method: str, model):
         return QuantizedCache(backend="quanto", config=model.config, nbits=int(method[-1])), "sdpa"
     if method == "hf-fp8":
         return QuantizedCache(backend="fp8", config=model.config), "sdpa"
-    fmt = method.removeprefix("pagedkv-")
+    fmt = method.removeprefix("pagedkv-").removesuffix("-graph")
     return PagedKVCache(model.config, kv_format=fmt), "pagedkv"
+
+
+class StreamTimer:
+    """Streamer recording a timestamp per new token (``pagedkv.generate`` puts the prompt first)."""
+
+    def __init__(self, device: torch.device):
+        self.step = StepTimer(device)
+        self.prompt_seen = False
+
+    def put(self, ids):
+        if self.prompt_seen:
+            self.step(None, None)
+        self.prompt_seen = True
+
+    def end(self):
+        pass
 
 
 def run(method: str, model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
@@ -95,10 +114,17 @@ def run(method: str, model, ids: torch.Tensor, new_tokens: int, device: torch.de
     model.set_attn_implementation(impl)
     timer = StepTimer(device)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
-                             logits_processor=[timer], pad_token_id=0)
+    if method.endswith("-graph"):
+        # pagedkv.generate with its decode steps replayed as CUDA graphs (GraphDecoder); the eager first
+        # step of each kind and the captures count in the decode time.
+        streamer = StreamTimer(device)
+        out = pagedkv_generate(model, ids, cache, max_new_tokens=new_tokens, cuda_graph=True, streamer=streamer)
+        timer = streamer.step
+    else:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
+                                 logits_processor=[timer], pad_token_id=0)
     total = time.perf_counter() - t0
     steps = len(timer.times) - 1
     decode_s = timer.times[-1] - timer.times[0]
