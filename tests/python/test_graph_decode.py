@@ -24,17 +24,23 @@ def _ids(batch, n, seed=0, device="cpu"):
     return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def _decode(model, cache, ids, steps, *, graph, mask=None, cuda_graph=None):
-    """Prefill, then ``steps`` greedy steps (GraphDecoder or eager); returns the stacked logits."""
+def _decode(model, cache, ids, steps, *, graph, mask=None, cuda_graph=None, force=None):
+    """Prefill, then ``steps`` greedy steps (GraphDecoder or eager); returns the stacked logits and the
+    tokens fed ``[steps, batch, 1]``. ``force``: feed these tokens instead of the greedy ones (teacher
+    forcing: both paths then see the same inputs even where a near-tie would flip a greedy choice)."""
     with torch.inference_mode():
         out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
     tok = out.logits[:, -1:].argmax(-1)
+    fed = []
     mask = torch.ones_like(ids) if mask is None else mask
     pos = mask.long().sum(-1, keepdim=True) - 1
     logits = []
     dec = pagedkv.GraphDecoder(model, cache, max_new_tokens=steps, attention_mask=mask,
                                cuda_graph=cuda_graph) if graph else None
-    for _ in range(steps):
+    for i in range(steps):
+        if force is not None:
+            tok = force[i]
+        fed.append(tok)
         if dec is not None:
             lg = dec.step(tok).clone()
         else:
@@ -46,7 +52,7 @@ def _decode(model, cache, ids, steps, *, graph, mask=None, cuda_graph=None):
         tok = lg.argmax(-1, keepdim=True)
     if dec is not None:
         dec.close()
-    return torch.stack(logits), tok
+    return torch.stack(logits), torch.stack(fed)
 
 
 def _continue(model, cache, tok, steps=20):
@@ -72,11 +78,12 @@ def test_fixed_shape_steps_equal_eager_and_hand_back(fmt):
     model = _model()
     ids = _ids(2, 300)
     caches = [pagedkv.PagedKVCache(model.config, fmt) for _ in range(2)]
-    eager, tok_e = _decode(model, caches[0], ids, 150, graph=False)
-    static, tok_s = _decode(model, caches[1], ids, 150, graph=True)
+    eager, fed = _decode(model, caches[0], ids, 150, graph=False)
+    static, _ = _decode(model, caches[1], ids, 150, graph=True, force=fed)
     torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
     assert _state(caches[1]) == _state(caches[0])
-    torch.testing.assert_close(_continue(model, caches[1], tok_s), _continue(model, caches[0], tok_e), rtol=1e-5,
+    last = eager[-1].argmax(-1, keepdim=True)
+    torch.testing.assert_close(_continue(model, caches[1], last), _continue(model, caches[0], last), rtol=1e-5,
                                atol=1e-5)
 
 
@@ -87,8 +94,8 @@ def test_left_padding_mask_is_kept():
     mask[0, :37] = 0
     mask[2, :5] = 0
     caches = [pagedkv.PagedKVCache(model.config, "int4") for _ in range(2)]
-    eager, _ = _decode(model, caches[0], ids, 80, graph=False, mask=mask)
-    static, _ = _decode(model, caches[1], ids, 80, graph=True, mask=mask)
+    eager, fed = _decode(model, caches[0], ids, 80, graph=False, mask=mask)
+    static, _ = _decode(model, caches[1], ids, 80, graph=True, mask=mask, force=fed)
     torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
 
 
@@ -173,11 +180,12 @@ def test_cuda_graph_replay_equals_eager(fmt):
     mask = torch.ones_like(ids)
     mask[1, :20] = 0
     caches = [pagedkv.PagedKVCache(model.config, fmt) for _ in range(2)]
-    eager, _ = _decode(model, caches[0], ids, 150, graph=False, mask=mask)
-    graph, _ = _decode(model, caches[1], ids, 150, graph=True, mask=mask, cuda_graph=True)
-    # Same kernels on the same values; the op's split of the context may differ (fp32 rounding).
-    torch.testing.assert_close(graph, eager, rtol=2e-2, atol=2e-2)
-    assert (graph.argmax(-1) == eager.argmax(-1)).float().mean() > 0.97
+    eager, fed = _decode(model, caches[0], ids, 150, graph=False, mask=mask)
+    graph, _ = _decode(model, caches[1], ids, 150, graph=True, mask=mask, cuda_graph=True, force=fed)
+    # Same kernels on the same values and tokens; the op's split of the context differs (the graph's
+    # block table is as wide as the whole run), which changes fp32 rounding and the bf16 outputs only.
+    torch.testing.assert_close(graph, eager, rtol=0, atol=3e-2)
+    assert (graph - eager).abs().mean() < 2e-3
     assert _state(caches[1]) == _state(caches[0])
 
 
@@ -185,6 +193,8 @@ def test_cuda_graph_replay_equals_eager(fmt):
 def test_cuda_generate_with_graphs_matches_eager_tokens():
     model = _model(dtype=torch.bfloat16, device="cuda")
     ids = _ids(2, 250, seed=3, device="cuda")
+    # Free-running greedy decoding: a near-tie flipped by rounding changes the rest of a row, so only
+    # the start is compared exactly.
     a = pagedkv.generate(model, ids, pagedkv.PagedKVCache(model.config, "int4"), max_new_tokens=100)
     b = pagedkv.generate(model, ids, pagedkv.PagedKVCache(model.config, "int4"), max_new_tokens=100, cuda_graph=True)
-    assert (a == b).float().mean() > 0.97
+    assert torch.equal(a[:, :260], b[:, :260])
