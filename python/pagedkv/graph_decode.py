@@ -320,3 +320,81 @@ class GraphDecoder:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+def graph_generate(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+                   generation_config: Any, synced_gpus: bool = False, streamer: Any = None, **model_kwargs: Any
+                   ) -> torch.Tensor:
+    """A decoding loop for ``model.generate(..., custom_generate=pagedkv.graph_generate)``: greedy or
+    sampled decoding as transformers' own, with the decode steps run by a :class:`GraphDecoder`.
+
+    Needs ``past_key_values=PagedKVCache(...)`` and ``attn_implementation="pagedkv"``. transformers
+    prepares the inputs, logits processors (temperature, top-k/p, ...) and stopping criteria (max
+    length, EOS) as usual and hands them here. Beam search, assisted decoding and
+    ``return_dict_in_generate`` are not covered (ValueError). Returns ``[batch, prompt + new]`` ids."""
+    cache = model_kwargs.get("past_key_values")
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"graph_generate needs past_key_values=pagedkv.PagedKVCache(...), got {type(cache).__name__}")
+    if getattr(generation_config, "num_beams", 1) > 1:
+        raise ValueError(f"graph_generate decodes greedily or by sampling, not num_beams={generation_config.num_beams}")
+    if getattr(generation_config, "return_dict_in_generate", False):
+        raise ValueError("graph_generate returns token ids only: return_dict_in_generate=True is not supported")
+    if synced_gpus:
+        raise ValueError("graph_generate does not support synced_gpus")
+    mask = model_kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    do_sample = bool(getattr(generation_config, "do_sample", False))
+    pad = getattr(generation_config, "_pad_token_tensor", None)
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    max_length = generation_config.max_length
+    batch = input_ids.shape[0]
+    done = cache.get_seq_length()
+    if not 0 <= done < input_ids.shape[1]:
+        raise ValueError(f"the cache holds {done} positions; the prompt has {input_ids.shape[1]}")
+    pos = _positions(mask)
+    with torch.inference_mode():
+        out = model(input_ids=input_ids[:, done:], attention_mask=mask, position_ids=pos[:, done:],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].float()
+    pos = pos[:, -1:]
+    unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
+    decoder = None
+    try:
+        while True:
+            scores = logits_processor(input_ids, logits)
+            if do_sample:
+                nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                nxt = torch.argmax(scores, dim=-1)
+            if has_eos and pad is not None:
+                nxt = nxt * unfinished + pad * (1 - unfinished)
+            input_ids = torch.cat([input_ids, nxt[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+            if unfinished.max() == 0:
+                break
+            if decoder is None and cache.layers[0].num_paged >= max(layer.exact for layer in cache.layers):
+                decoder = GraphDecoder(model, cache, max_new_tokens=max(max_length - input_ids.shape[1], 1),
+                                       attention_mask=mask)
+            if decoder is not None:
+                logits = decoder.step(nxt[:, None]).float()
+                continue
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            pos = pos + 1
+            with torch.inference_mode():
+                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=True)
+            logits = out.logits[:, -1].float()
+    finally:
+        if decoder is not None:
+            decoder.close()
+    if streamer is not None:
+        streamer.end()
+    return input_ids

@@ -198,3 +198,34 @@ def test_cuda_generate_with_graphs_matches_eager_tokens():
     a = pagedkv.generate(model, ids, pagedkv.PagedKVCache(model.config, "int4"), max_new_tokens=100)
     b = pagedkv.generate(model, ids, pagedkv.PagedKVCache(model.config, "int4"), max_new_tokens=100, cuda_graph=True)
     assert torch.equal(a[:, :260], b[:, :260])
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_model_generate_custom_generate_matches_transformers_loop(sample):
+    # model.generate(custom_generate=pagedkv.graph_generate) against transformers' own loop on the same
+    # cache format: left padding, EOS with padding of finished rows, sampling under one seed.
+    model = _model()
+    ids = _ids(3, 230, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=90, do_sample=sample, pad_token_id=0, eos_token_id=7)
+    if sample:
+        kw.update(top_k=20, temperature=0.8)
+    outs = []
+    for custom in (None, pagedkv.graph_generate):
+        torch.manual_seed(5)
+        cache = pagedkv.PagedKVCache(model.config, "int4")
+        extra = {} if custom is None else dict(custom_generate=custom)
+        outs.append(model.generate(ids, past_key_values=cache, **kw, **extra))
+        assert cache._static is None
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_graph_generate_refuses_what_it_does_not_cover():
+    model = _model()
+    ids = _ids(1, 50)
+    with pytest.raises(ValueError, match="num_beams=2"):
+        model.generate(ids, past_key_values=pagedkv.PagedKVCache(model.config, "int4"), num_beams=2,
+                       max_new_tokens=3, custom_generate=pagedkv.graph_generate)
+    with pytest.raises(TypeError, match="PagedKVCache"):
+        model.generate(ids, max_new_tokens=3, custom_generate=pagedkv.graph_generate)

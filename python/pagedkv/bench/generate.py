@@ -2,8 +2,8 @@
 
 Methods: DynamicCache (sdpa); transformers ``QuantizedCache`` with the quanto backend (nbits 4 and 2)
 and the fp8 backend, where installed; pagedkv in each format with ``attn_implementation="pagedkv"``
-(``pagedkv-<fmt>``: ``model.generate``; ``pagedkv-<fmt>-graph``: ``pagedkv.generate(cuda_graph=True)``,
-decode steps replayed as CUDA graphs; GPU only).
+(``pagedkv-<fmt>``: ``model.generate`` with transformers' loop; ``pagedkv-<fmt>-graph``: ``model.generate(...,
+custom_generate=pagedkv.graph_generate)``, decode steps replayed as CUDA graphs).
 Decode tokens/s counts the tokens of every sequence after the first new one (prefill excluded), timed
 by a logits processor at each step. KV memory is the memory the cache still holds after generation.
 
@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from pagedkv import PagedKVCache
-from pagedkv import generate as pagedkv_generate
+from pagedkv import PagedKVCache, graph_generate
 from pagedkv.bench.common import environment, markdown_table, write_json
 
 FORMATS = ["int8", "fp8_e4m3", "int4", "nf4", "int2", "bf16"]
@@ -87,21 +86,6 @@ def make_cache(method: str, model):
     return PagedKVCache(model.config, kv_format=fmt), "pagedkv"
 
 
-class StreamTimer:
-    """Streamer recording a timestamp per new token (``pagedkv.generate`` puts the prompt first)."""
-
-    def __init__(self, device: torch.device):
-        self.step = StepTimer(device)
-        self.prompt_seen = False
-
-    def put(self, ids):
-        if self.prompt_seen:
-            self.step(None, None)
-        self.prompt_seen = True
-
-    def end(self):
-        pass
-
 
 def run(method: str, model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
     gc.collect()
@@ -114,17 +98,13 @@ def run(method: str, model, ids: torch.Tensor, new_tokens: int, device: torch.de
     model.set_attn_implementation(impl)
     timer = StepTimer(device)
     t0 = time.perf_counter()
-    if method.endswith("-graph"):
-        # pagedkv.generate with its decode steps replayed as CUDA graphs (GraphDecoder); the eager first
-        # step of each kind and the captures count in the decode time.
-        streamer = StreamTimer(device)
-        out = pagedkv_generate(model, ids, cache, max_new_tokens=new_tokens, cuda_graph=True, streamer=streamer)
-        timer = streamer.step
-    else:
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
-                                 logits_processor=[timer], pad_token_id=0)
+    # -graph: transformers' generate with pagedkv's decoding loop, whose steps replay CUDA graphs
+    # (GraphDecoder); the eager first step of each kind and the captures count in the decode time.
+    extra = dict(custom_generate=graph_generate) if method.endswith("-graph") else {}
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
+                             logits_processor=[timer], pad_token_id=0, **extra)
     total = time.perf_counter() - t0
     steps = len(timer.times) - 1
     decode_s = timer.times[-1] - timer.times[0]
