@@ -37,6 +37,10 @@ from pagedkv.cache import PagedKVCache
 from pagedkv.config import FORMATS
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class StaticDecodeState:
     """The fixed-shape device state of a cache during graph decoding (see the module docstring).
 
@@ -66,14 +70,23 @@ class StaticDecodeState:
         if p0 < max(self.leads):
             raise ValueError(f"graph decoding needs the first {max(self.leads)} positions paged; the cache holds "
                              f"{p0} (decode eagerly until then)")
-        device, dtype = cache._device, cache._dtype
-        b, h, d = cache._batch_size, cache.num_kv_heads, cache.head_dim
-        bs = cache.block_size
+        device = cache._device
         final = n0 + max_new_tokens
         p_max = max(p0, cache._target_paged(group, final))
         if group.storage.index is not None:
             cache.store.now()
         group.advance(p_max, device)  # BudgetExhaustedError: nothing changed
+        try:
+            self._build(layers, p0, n0, p_max, attention_mask)
+        except BaseException:
+            group.truncate(p0)  # out of memory for the buffers, ...: give the reservation back
+            raise
+
+    def _build(self, layers: list, p0: int, n0: int, p_max: int, attention_mask: torch.Tensor | None) -> None:
+        cache, group = self.cache, self.group
+        device, dtype = cache._device, cache._dtype
+        b, h, d = cache._batch_size, cache.num_kv_heads, cache.head_dim
+        bs = cache.block_size
         self.p_max = p_max
         self.device = device
         with torch.inference_mode():
@@ -112,6 +125,8 @@ class StaticDecodeState:
             self.quantum_pos = torch.arange(self.quantum, device=device)
             self.flush_slots = torch.zeros(b * self.quantum, dtype=torch.long, device=device)
         self.flushing = False
+        # Eager steps only: each layer's window before a flush shifted it, for rollback().
+        self._undo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- host side ----------------------------------------------------------------------------
     def flush_due(self) -> bool:
@@ -131,6 +146,7 @@ class StaticDecodeState:
         """Once per step, before the layers: slots of a flush, the paged length, the window slot of the
         step's token and the entry masks."""
         self.flushing = flush
+        self._undo.clear()
         bs = self.cache.block_size
         if flush:
             pos = self.p_dev + self.quantum_pos
@@ -166,6 +182,8 @@ class StaticDecodeState:
                                           self.group.blocks_per_chunk)
             keep = self.capacity - q
             if keep:
+                if not _capturing(tk):
+                    self._undo[layer_idx] = (tk[:, :, lead:].clone(), tv[:, :, lead:].clone())
                 tk[:, :, lead:lead + keep] = tk[:, :, lead + q:].clone()
                 tv[:, :, lead:lead + keep] = tv[:, :, lead + q:].clone()
         tk.index_copy_(2, self.slot_idx[lead], key_states)
@@ -192,6 +210,19 @@ class StaticDecodeState:
 
     def _dense_kv(self, layer_idx: int):
         raise RuntimeError("graph decoding needs the fused 'pagedkv' attention (no dropout, not training)")
+
+    def rollback(self) -> None:
+        """Undo a step that raised part-way (an eager step; a capture runs nothing): the shifted windows
+        and the device counters go back to the last completed step. Pages written at positions past
+        ``num_paged`` are ignored and rewritten later; a token written past the window's end is masked."""
+        for i, (k, v) in self._undo.items():
+            lead = self.leads[i]
+            self.tail_k[i][:, :, lead:] = k
+            self.tail_v[i][:, :, lead:] = v
+        self._undo.clear()
+        self.n_dev.fill_(self.num_tokens)
+        self.p_dev.fill_(self.num_paged)
+        self.flushing = False
 
     # -- hand back ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -291,7 +322,13 @@ class GraphDecoder:
         with torch.inference_mode():
             self.ids.copy_(input_ids)
             if not self.cuda_graph or flush not in self._ran:
-                logits = self._forward(flush)
+                pos = self.pos.clone()
+                try:
+                    logits = self._forward(flush)
+                except BaseException:
+                    self.state.rollback()
+                    self.pos.copy_(pos)
+                    raise
                 self._ran.add(flush)
             else:
                 graph = self._graphs.get(flush)

@@ -229,3 +229,50 @@ def test_graph_generate_refuses_what_it_does_not_cover():
                        max_new_tokens=3, custom_generate=pagedkv.graph_generate)
     with pytest.raises(TypeError, match="PagedKVCache"):
         model.generate(ids, max_new_tokens=3, custom_generate=pagedkv.graph_generate)
+
+
+@pytest.mark.parametrize("where", ["flush", "layer"])
+def test_a_step_that_raises_is_rolled_back(where):
+    # A step that fails part-way (here: the third layer's page write of a flush step, or the third
+    # layer's MLP) leaves the decoder at the last completed step; decoding then goes on as if the
+    # failed step had never run.
+    model = _model()
+    ids = _ids(2, 300, seed=6)
+    ref_cache = pagedkv.PagedKVCache(model.config, "int4")
+    eager, fed = _decode(model, ref_cache, ids, 120, graph=False)
+    cache = pagedkv.PagedKVCache(model.config, "int4")
+    with torch.inference_mode():
+        model(ids, past_key_values=cache, use_cache=True)
+    dec = pagedkv.GraphDecoder(model, cache, max_new_tokens=120, cuda_graph=False)
+    boom = {"armed": False}
+    pages = cache._pages[2]
+    write = pages.write
+
+    def failing_write(*a, **k):
+        if boom["armed"]:
+            boom["armed"] = False
+            raise RuntimeError("injected")
+        return write(*a, **k)
+
+    def failing_mlp(module, args):
+        if boom["armed"]:
+            boom["armed"] = False
+            raise RuntimeError("injected")
+
+    pages.write = failing_write
+    hook = model.model.layers[2].mlp.register_forward_pre_hook(failing_mlp)
+    got = []
+    try:
+        for i in range(120):
+            if not boom.get("done") and (dec.state.flush_due() if where == "flush" else i == 5):
+                boom["armed"] = boom["done"] = True
+                with pytest.raises(RuntimeError, match="injected"):
+                    dec.step(fed[i])
+            got.append(dec.step(fed[i]).clone())
+    finally:
+        hook.remove()
+        pages.write = write
+        dec.close()
+    assert boom["done"]
+    torch.testing.assert_close(torch.stack(got), eager, rtol=1e-5, atol=1e-5)
+    assert _state(cache) == _state(ref_cache)
