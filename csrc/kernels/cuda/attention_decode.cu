@@ -306,6 +306,16 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
     float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
     uint32_t vr[2][LV];  // value pairs (tokens 2c + 8 P, 2c + 8 P + 1) of the lane's channels
     bool tok_ok[2] = {true, true};
+    // The key mask of tokens g, g + 8, loaded now so that its latency hides behind the step's math
+    // (read where the softmax needs it, a dependent global load stalled every masked step).
+    bool keep[2] = {true, true};
+    if (mask != nullptr) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const int e = st + 8 * t + g;
+        if (e >= 0 && e < mask_n) keep[t] = __ldg(mask + e) != 0;
+      }
+    }
     if (fast) {
       if constexpr (!kPipe) {
         load_keys(kh, off0);
@@ -428,8 +438,7 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
       if (softcap) v = p.softcap * tanhf(v / p.softcap) * kLog2e;
       if (!clean) {
         const int e = st + 8 * (i >> 1) + g;
-        const bool ok = tok_ok[i >> 1] && e >= lo_r[i & 1] && e <= hi_r[i & 1] &&
-                        (mask == nullptr || e >= mask_n || mask[e] != 0);
+        const bool ok = tok_ok[i >> 1] && e >= lo_r[i & 1] && e <= hi_r[i & 1] && keep[i >> 1];
         if (!ok) v = -INFINITY;
       }
       sc[i] = v;
