@@ -1,5 +1,5 @@
-// CUDA append (quantize + scatter), gather (dequantize) and copy_blocks. One thread per
-// (token, head) or (key group, head) for append, built on the scalar reference codec in
+// CUDA append (quantize + scatter), gather (dequantize) and copy_blocks. One warp per (token, head)
+// for per-token formats with one scale, else one thread per (token, head) or (key group, head), built on the scalar reference codec in
 // pagedkv/page_codec.h, so results are bit-identical to the CPU kernels (compiled with
 // --fmad=false). Fused paged attention, which reads pages without gathering, is separate work.
 #include "cuda/kv_cuda.h"
@@ -36,6 +36,58 @@ __global__ void append_token_kernel(AppendParams p) {
   float x[kMaxHeadDim];
   for (int d = 0; d < L.head_dim; ++d) x[d] = load_elem(p.src, p.src_dtype, t * p.token_stride + h * p.head_stride + d);
   encode_token(L, p.dst.head_ptr(slot / L.block_size, h), slot % L.block_size, x);
+}
+
+// Per-token formats with at most one scale per token (fp32 / bf16 / fp16 / int8 / fp8): one warp per
+// (token, head), lanes striding over head_dim. The absmax is a warp max (exact, order-free) and every
+// code comes from the same scalar functions as encode_token, so the bytes equal the reference's; the
+// thread-per-token kernel ran a head_dim-long serial loop per thread (19 us per decode call at batch
+// 16 x 8 heads on the H100).
+__global__ void append_token_warp_kernel(AppendParams p) {
+  const PageLayout& L = p.dst.layout;
+  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (w >= p.num_tokens * L.num_kv_heads) return;
+  const int64_t t = w / L.num_kv_heads, h = w % L.num_kv_heads;
+  const int64_t slot = p.slot_mapping[t];
+  if (slot < 0) return;
+  const int64_t o = slot % L.block_size;
+  uint8_t* head = p.dst.head_ptr(slot / L.block_size, h);
+  uint8_t* row = codec::code_row(L, head, o);
+  const int64_t base = t * p.token_stride + h * p.head_stride;
+  float x[kMaxHeadDim / 32];
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kMaxHeadDim / 32; ++i) {  // unrolled: x stays in registers
+    const int d = lane + 32 * i;
+    x[i] = d < L.head_dim ? load_elem(p.src, p.src_dtype, base + d) : 0.0f;
+    amax = fmaxf(amax, fabsf(x[i]));
+  }
+  for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+  const float scale = L.format == Format::kInt8 ? int8_scale(amax) : fp8_scale(amax);
+  if ((L.format == Format::kInt8 || L.format == Format::kFP8E4M3) && lane == 0) {
+    memcpy(head + L.code_bytes + 4 * o, &scale, 4);
+  }
+#pragma unroll
+  for (int i = 0; i < kMaxHeadDim / 32; ++i) {
+    const int d = lane + 32 * i;
+    if (d >= L.head_dim) break;
+    switch (L.format) {
+      case Format::kFP32: memcpy(row + 4 * d, &x[i], 4); break;
+      case Format::kBF16: {
+        const uint16_t b = bf16_from_float(x[i]);
+        memcpy(row + 2 * d, &b, 2);
+        break;
+      }
+      case Format::kFP16: {
+        const uint16_t b = fp16_from_float(x[i]);
+        memcpy(row + 2 * d, &b, 2);
+        break;
+      }
+      case Format::kInt8: row[d] = static_cast<uint8_t>(int8_code(x[i], scale)); break;
+      default: row[d] = fp8_code(x[i], scale); break;
+    }
+  }
 }
 
 // Grouped keys: one thread per (group, head) stages the group in global scratch-free form by
@@ -101,7 +153,12 @@ cudaError_t append_cuda(const AppendParams& p, cudaStream_t stream) {
   }
   const int64_t work = p.num_tokens * L.num_kv_heads;
   if (work == 0) return cudaSuccess;
-  append_token_kernel<<<blocks_for(work), kThreads, 0, stream>>>(p);
+  const Format f = L.format;
+  if (f == Format::kFP32 || f == Format::kBF16 || f == Format::kFP16 || f == Format::kInt8 || f == Format::kFP8E4M3) {
+    append_token_warp_kernel<<<blocks_for(work * 32), kThreads, 0, stream>>>(p);
+  } else {
+    append_token_kernel<<<blocks_for(work), kThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
