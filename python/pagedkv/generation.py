@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pagedkv.cache import PagedKVCache
-from pagedkv.graph_decode import GraphDecoder
+from pagedkv.graph_decode import DecodeSteps
 from pagedkv.store import KVStore, tensor_parallel_size
 
 DEFAULT_CHUNK = 2048
@@ -235,15 +235,14 @@ def generate(model: Any, input_ids: torch.Tensor, cache: PagedKVCache | KVStore 
         attention_mask = torch.ones_like(input_ids)
 
     reused = cache.prepare(input_ids)
-    decoder = None
+    steps = None
     try:
         if streamer is not None:
             streamer.put(input_ids.cpu())
         logits = prefill(model, input_ids, cache, attention_mask=attention_mask, start=reused, chunk_size=chunk_size,
                          progress=progress, callback=callback, cancel=cancel)
         out = input_ids
-        mask = attention_mask
-        pos = _position_ids(attention_mask)[:, -1:]
+        steps = DecodeSteps(model, cache, attention_mask, _position_ids(attention_mask)[:, -1:], graphs=cuda_graph)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         eos_ids = torch.tensor(sorted(eos), device=input_ids.device)
         for step in range(max_new_tokens):
@@ -259,28 +258,16 @@ def generate(model: Any, input_ids: torch.Tensor, cache: PagedKVCache | KVStore 
                     break
             if step == max_new_tokens - 1:
                 break
-            if cuda_graph and decoder is None and cache.layers[0].num_paged >= max(l.exact for l in cache.layers):
-                decoder = GraphDecoder(model, cache, max_new_tokens=max_new_tokens - 1 - step, attention_mask=mask)
-            if decoder is not None:
-                logits = decoder.step(nxt[:, None]).float()
-                continue
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos + 1
-            with torch.inference_mode():
-                res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
-                            use_cache=True)
-            logits = res.logits[:, -1].float()
-        if decoder is not None:
-            decoder.close()
-            decoder = None
+            logits = steps.step(nxt, max_new_tokens - 1 - step)
+        steps.close()
         if streamer is not None:
             streamer.end()
         cache.token_ids = out
         if cache.prefix_caching:
             cache.cache_prefix()
     finally:
-        if decoder is not None:
-            decoder.close()
+        if steps is not None:
+            steps.close()
         if from_store:
             cache.release()
     if stats is not None:

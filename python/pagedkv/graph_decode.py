@@ -359,6 +359,37 @@ class GraphDecoder:
         self.close()
 
 
+class DecodeSteps:
+    """The decode steps of a generation loop: eager steps (with the growing padding mask) until the
+    cache can start a :class:`GraphDecoder`, graph steps from then on when ``graphs``.
+
+    ``mask``: the padding mask of the positions the cache holds; ``pos``: the last one's position ids
+    ``[batch, 1]``. ``step(ids [batch], remaining)`` feeds one token per row and returns the fp32 logits
+    ``[batch, vocab]``; ``remaining``: the most steps still to come, this one included."""
+
+    def __init__(self, model: Any, cache: PagedKVCache, mask: torch.Tensor, pos: torch.Tensor, graphs: bool):
+        self.model, self.cache, self.mask, self.pos, self.graphs = model, cache, mask, pos, graphs
+        self.decoder: GraphDecoder | None = None
+
+    def step(self, ids: torch.Tensor, remaining: int) -> torch.Tensor:
+        cache = self.cache
+        if self.graphs and self.decoder is None and cache.layers[0].num_paged >= max(l.exact for l in cache.layers):
+            self.decoder = GraphDecoder(self.model, cache, max_new_tokens=max(remaining, 1), attention_mask=self.mask)
+        if self.decoder is not None:
+            return self.decoder.step(ids[:, None]).float()
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.pos = self.pos + 1
+        with torch.inference_mode():
+            out = self.model(input_ids=ids[:, None], attention_mask=self.mask, position_ids=self.pos,
+                             past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].float()
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
+
+
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     pos = mask.long().cumsum(-1) - 1
     return pos.masked_fill(mask == 0, 1)
@@ -399,9 +430,8 @@ def graph_generate(model: Any, input_ids: torch.Tensor, logits_processor: Any, s
         out = model(input_ids=input_ids[:, done:], attention_mask=mask, position_ids=pos[:, done:],
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float()
-    pos = pos[:, -1:]
+    steps = DecodeSteps(model, cache, mask, pos[:, -1:], graphs=True)
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
-    decoder = None
     try:
         while True:
             scores = logits_processor(input_ids, logits)
@@ -417,21 +447,9 @@ def graph_generate(model: Any, input_ids: torch.Tensor, logits_processor: Any, s
             unfinished = unfinished & ~stopping_criteria(input_ids, scores)
             if unfinished.max() == 0:
                 break
-            if decoder is None and cache.layers[0].num_paged >= max(layer.exact for layer in cache.layers):
-                decoder = GraphDecoder(model, cache, max_new_tokens=max(max_length - input_ids.shape[1], 1),
-                                       attention_mask=mask)
-            if decoder is not None:
-                logits = decoder.step(nxt[:, None]).float()
-                continue
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos + 1
-            with torch.inference_mode():
-                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
-                            use_cache=True)
-            logits = out.logits[:, -1].float()
+            logits = steps.step(nxt, max_length - input_ids.shape[1])
     finally:
-        if decoder is not None:
-            decoder.close()
+        steps.close()
     if streamer is not None:
         streamer.end()
     return input_ids
