@@ -7,12 +7,13 @@ from pagedkv._C import BudgetExhaustedError  # noqa: E402
 from pagedkv.config import FORMATS, KVFormat, LayerFormat, format_table  # noqa: E402
 from pagedkv.store import KVStore, tensor_parallel_size  # noqa: E402
 from pagedkv.cache import PagedKVCache  # noqa: E402
-from pagedkv.graph_decode import GraphDecoder, graph_generate  # noqa: E402
+from pagedkv.graph_decode import GraphDecoder  # noqa: E402
 from pagedkv.generation import (  # noqa: E402
     PrefillCancelled,
     auto_chunk_size,
     enable_prefix_reuse,
     generate,
+    graph_generate,
     prefill,
     sample_next,
 )

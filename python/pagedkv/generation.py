@@ -1,4 +1,4 @@
-"""Hand-written decode loops with the paged cache: chunked prefill, sampling, streaming, prefix reuse.
+"""Decode loops with the paged cache: chunked prefill, sampling, streaming, prefix reuse, CUDA graphs.
 
 ``prefill`` runs a long prompt through the model in chunks (bounded activation memory) with a progress
 bar, a callback and cancellation. ``generate`` wraps prefill, decode, sampling and streaming.
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pagedkv.cache import PagedKVCache
-from pagedkv.graph_decode import DecodeSteps
+from pagedkv.graph_decode import GraphDecoder
 from pagedkv.store import KVStore, tensor_parallel_size
 
 DEFAULT_CHUNK = 2048
@@ -193,6 +193,97 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: PagedKVCache, *, attenti
 # ------------------------------------------------------------------------------------------------
 # generate
 # ------------------------------------------------------------------------------------------------
+class DecodeSteps:
+    """The decode steps of a generation loop: eager steps (with the growing padding mask) until the
+    cache can start a :class:`GraphDecoder`, graph steps from then on when ``graphs``.
+
+    ``mask``: the padding mask of the positions the cache holds; ``pos``: the last one's position ids
+    ``[batch, 1]``. ``step(ids [batch], remaining)`` feeds one token per row and returns the fp32 logits
+    ``[batch, vocab]``; ``remaining``: the most steps still to come, this one included."""
+
+    def __init__(self, model: Any, cache: PagedKVCache, mask: torch.Tensor, pos: torch.Tensor, graphs: bool):
+        self.model, self.cache, self.mask, self.pos, self.graphs = model, cache, mask, pos, graphs
+        self.decoder: GraphDecoder | None = None
+
+    def step(self, ids: torch.Tensor, remaining: int) -> torch.Tensor:
+        cache = self.cache
+        if self.graphs and self.decoder is None and cache.layers[0].num_paged >= max(l.exact for l in cache.layers):
+            self.decoder = GraphDecoder(self.model, cache, max_new_tokens=max(remaining, 1), attention_mask=self.mask)
+        if self.decoder is not None:
+            return self.decoder.step(ids[:, None]).float()
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.pos = self.pos + 1
+        with torch.inference_mode():
+            out = self.model(input_ids=ids[:, None], attention_mask=self.mask, position_ids=self.pos,
+                             past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].float()
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
+
+
+def graph_generate(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
+                   generation_config: Any, synced_gpus: bool = False, streamer: Any = None, **model_kwargs: Any
+                   ) -> torch.Tensor:
+    """A decoding loop for ``model.generate(..., custom_generate=pagedkv.graph_generate)``: greedy or
+    sampled decoding as transformers' own, with the decode steps run by a :class:`GraphDecoder`.
+
+    Needs ``past_key_values=PagedKVCache(...)`` and ``attn_implementation="pagedkv"``. transformers
+    prepares the inputs, logits processors (temperature, top-k/p, ...) and stopping criteria (max
+    length, EOS) as usual and hands them here. Beam search, assisted decoding and
+    ``return_dict_in_generate`` are not covered (ValueError). Returns ``[batch, prompt + new]`` ids."""
+    cache = model_kwargs.get("past_key_values")
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"graph_generate needs past_key_values=pagedkv.PagedKVCache(...), got {type(cache).__name__}")
+    if getattr(generation_config, "num_beams", 1) > 1:
+        raise ValueError(f"graph_generate decodes greedily or by sampling, not num_beams={generation_config.num_beams}")
+    if getattr(generation_config, "return_dict_in_generate", False):
+        raise ValueError("graph_generate returns token ids only: return_dict_in_generate=True is not supported")
+    if synced_gpus:
+        raise ValueError("graph_generate does not support synced_gpus")
+    mask = model_kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    do_sample = bool(getattr(generation_config, "do_sample", False))
+    pad = getattr(generation_config, "_pad_token_tensor", None)
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    max_length = generation_config.max_length
+    batch = input_ids.shape[0]
+    done = cache.get_seq_length()
+    if not 0 <= done < input_ids.shape[1]:
+        raise ValueError(f"the cache holds {done} positions; the prompt has {input_ids.shape[1]}")
+    pos = _position_ids(mask)
+    with torch.inference_mode():
+        out = model(input_ids=input_ids[:, done:], attention_mask=mask, position_ids=pos[:, done:],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].float()
+    steps = DecodeSteps(model, cache, mask, pos[:, -1:], graphs=True)
+    unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
+    try:
+        while True:
+            scores = logits_processor(input_ids, logits)
+            if do_sample:
+                nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                nxt = torch.argmax(scores, dim=-1)
+            if has_eos and pad is not None:
+                nxt = nxt * unfinished + pad * (1 - unfinished)
+            input_ids = torch.cat([input_ids, nxt[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+            if unfinished.max() == 0:
+                break
+            logits = steps.step(nxt, max_length - input_ids.shape[1])
+    finally:
+        steps.close()
+    if streamer is not None:
+        streamer.end()
+    return input_ids
+
+
 def generate(model: Any, input_ids: torch.Tensor, cache: PagedKVCache | KVStore | None = None, *,
              max_new_tokens: int = 128, attention_mask: torch.Tensor | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
