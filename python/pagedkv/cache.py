@@ -540,7 +540,7 @@ class PagedKVCache(Cache):
 
     def _reorder_rows(self, order: list[int]) -> None:
         """Batch row ``i`` becomes old row ``order[i]``: block tables are forked, never copied."""
-        self._check_not_static("reorder_rows")
+        self._check_not_static("reordering or selecting batch rows")
         if self._batch_size is None:
             return
         for j in order:
