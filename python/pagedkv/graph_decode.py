@@ -280,6 +280,11 @@ class GraphDecoder:
             raise ValueError(f"graph decoding needs attn_implementation='pagedkv', the model uses {impl!r}")
         if cache._static is not None:
             raise RuntimeError("this cache is already in a GraphDecoder")
+        held = (cache._batch_size, cache.get_seq_length())
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or
+                                           tuple(attention_mask.shape) != held):
+            raise ValueError(f"attention_mask must be the padding mask of the positions the cache holds, "
+                             f"[batch, positions] = {list(held)}, got {tuple(getattr(attention_mask, 'shape', ()))}")
         self.model = model
         self.cache = cache
         self.max_new_tokens = max_new_tokens
@@ -316,8 +321,9 @@ class GraphDecoder:
             raise RuntimeError("this GraphDecoder is closed")
         if self.steps >= self.max_new_tokens:
             raise RuntimeError(f"max_new_tokens={self.max_new_tokens} steps are done; close() and start a new decoder")
-        if tuple(input_ids.shape) != tuple(self.ids.shape):
-            raise ValueError(f"input_ids must be [batch={self.ids.shape[0]}, 1], got {tuple(input_ids.shape)}")
+        if tuple(input_ids.shape) != tuple(self.ids.shape) or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be integer ids [batch={self.ids.shape[0]}, 1], got "
+                             f"{input_ids.dtype} {tuple(input_ids.shape)}")
         flush = self.state.flush_due()
         with torch.inference_mode():
             self.ids.copy_(input_ids)

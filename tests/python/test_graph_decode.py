@@ -132,6 +132,8 @@ def test_errors_name_the_problem():
             pagedkv.GraphDecoder(model, cache, max_new_tokens=4)
     finally:
         model.set_attn_implementation("pagedkv")
+    with pytest.raises(ValueError, match=r"attention_mask must be .* \[1, 200\], got \(1, 199\)"):
+        pagedkv.GraphDecoder(model, cache, max_new_tokens=2, attention_mask=torch.ones(1, 199, dtype=torch.long))
     with pagedkv.GraphDecoder(model, cache, max_new_tokens=2) as dec:
         with pytest.raises(RuntimeError, match="already in a GraphDecoder"):
             pagedkv.GraphDecoder(model, cache, max_new_tokens=2)
@@ -139,6 +141,8 @@ def test_errors_name_the_problem():
             cache.crop(-1)
         with pytest.raises(ValueError, match=r"\[batch=1, 1\]"):
             dec.step(torch.zeros(2, 1, dtype=torch.long))
+        with pytest.raises(ValueError, match="integer ids"):
+            dec.step(torch.zeros(1, 1))
         dec.step(torch.zeros(1, 1, dtype=torch.long))
         dec.step(torch.zeros(1, 1, dtype=torch.long))
         with pytest.raises(RuntimeError, match="max_new_tokens=2"):
