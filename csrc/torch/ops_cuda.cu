@@ -36,7 +36,7 @@ at::Tensor device_chunk_table(const ChunkList& holder, const at::Device& device)
   if (it != cache.end()) return it->second;
   TORCH_CHECK(!stream_capturing(), "pagedkv: a page chunk table was first needed during CUDA graph capture; run "
               "the captured step once eagerly before capturing it");
-  if (cache.size() >= kMaxEntries && !stream_capturing()) cache.clear();
+  if (cache.size() >= kMaxEntries) cache.clear();
   at::Tensor t = at::tensor(at::ArrayRef<int64_t>(ptrs.data(), ptrs.size() - 1), at::kLong).to(device);
   cache.emplace(std::move(ptrs), t);
   return t;

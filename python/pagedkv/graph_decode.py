@@ -117,6 +117,7 @@ class StaticDecodeState:
                 given = attention_mask.to(device=device, dtype=torch.bool)[:, :n0]
                 pad[:, :given.shape[1]] = given
             self.padding = pad
+            self.padded = not bool(pad.all())  # once, at the start: else the entry mask is only the count
             distinct = sorted(set(self.leads))
             self.lens = {lead: torch.zeros(b, dtype=torch.int32, device=device) for lead in distinct}
             self.skip = {lead: torch.full((b,), lead % bs, dtype=torch.int32, device=device) for lead in distinct}
@@ -158,10 +159,12 @@ class StaticDecodeState:
             self.lens[lead].copy_((self.p_dev - lead).to(torch.int32).expand_as(self.lens[lead]))
             self.slot_idx[lead].copy_(self.n_dev - self.p_dev + lead)
             # Entry order: paged [lead, p), the exact positions [0, lead), then the window from p.
-            paged = self.p_dev - lead
-            src = torch.where(e < paged, e + lead, torch.where(e < self.p_dev, e - paged, e))
             valid = e <= self.n_dev  # the step's own token included
-            self.mask[lead].copy_(self.padding.gather(1, src.expand_as(self.padding)) & valid)
+            if self.padded:
+                paged = self.p_dev - lead
+                src = torch.where(e < paged, e + lead, torch.where(e < self.p_dev, e - paged, e))
+                valid = self.padding.gather(1, src.expand_as(self.padding)) & valid
+            self.mask[lead].copy_(valid.expand_as(self.mask[lead]))
         self.n_dev += 1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
@@ -175,22 +178,28 @@ class StaticDecodeState:
         tk, tv = self.tail_k[layer_idx], self.tail_v[layer_idx]
         lead = self.leads[layer_idx]
         if self.flushing:
-            q, h, d = self.quantum, tk.shape[1], tk.shape[3]
-            keys, values = tk[:, :, lead:lead + q], tv[:, :, lead:lead + q]
-            cache._pages[layer_idx].write(keys.transpose(1, 2).reshape(-1, h, d),
-                                          values.transpose(1, 2).reshape(-1, h, d), self.flush_slots,
-                                          self.group.blocks_per_chunk)
-            keep = self.capacity - q
-            if keep:
-                if not _capturing(tk):
-                    self._undo[layer_idx] = (tk[:, :, lead:].clone(), tv[:, :, lead:].clone())
-                tk[:, :, lead:lead + keep] = tk[:, :, lead + q:].clone()
-                tv[:, :, lead:lead + keep] = tv[:, :, lead + q:].clone()
+            self._flush_layer(layer_idx, undo=not _capturing(tk))
         tk.index_copy_(2, self.slot_idx[lead], key_states)
         tv.index_copy_(2, self.slot_idx[lead], value_states)
         out_k, out_v = tk.view(tk.shape), tv.view(tv.shape)
         out_k._pagedkv_ctx = out_v._pagedkv_ctx = (self, layer_idx)
         return out_k, out_v
+
+    def _flush_layer(self, layer_idx: int, undo: bool) -> None:
+        """Page the window's oldest ``flush_quantum`` positions of one layer at ``flush_slots`` and shift
+        the rest to the window's front; ``undo`` keeps the window as it was, for rollback()."""
+        tk, tv = self.tail_k[layer_idx], self.tail_v[layer_idx]
+        lead, q = self.leads[layer_idx], self.quantum
+        h, d = tk.shape[1], tk.shape[3]
+        self.cache._pages[layer_idx].write(tk[:, :, lead:lead + q].transpose(1, 2).reshape(-1, h, d),
+                                           tv[:, :, lead:lead + q].transpose(1, 2).reshape(-1, h, d),
+                                           self.flush_slots, self.group.blocks_per_chunk)
+        keep = self.capacity - q
+        if keep:
+            if undo:
+                self._undo[layer_idx] = (tk[:, :, lead:].clone(), tv[:, :, lead:].clone())
+            tk[:, :, lead:lead + keep] = tk[:, :, lead + q:].clone()
+            tv[:, :, lead:lead + keep] = tv[:, :, lead + q:].clone()
 
     def _attend(self, layer_idx: int, query: torch.Tensor, padding: torch.Tensor | None, scaling: float | None,
                 softcap: float, max_query: int) -> torch.Tensor:
@@ -232,17 +241,8 @@ class StaticDecodeState:
             if self.flush_due():  # eager decode would have paged it already
                 self.prologue(True)
                 self.n_dev -= 1
-                for i, layer in enumerate(cache.layers):
-                    lead, q = self.leads[i], self.quantum
-                    tk, tv = self.tail_k[i], self.tail_v[i]
-                    h, d = tk.shape[1], tk.shape[3]
-                    cache._pages[i].write(tk[:, :, lead:lead + q].transpose(1, 2).reshape(-1, h, d),
-                                          tv[:, :, lead:lead + q].transpose(1, 2).reshape(-1, h, d),
-                                          self.flush_slots, self.group.blocks_per_chunk)
-                    keep = self.capacity - q
-                    if keep:
-                        tk[:, :, lead:lead + keep] = tk[:, :, lead + q:].clone()
-                        tv[:, :, lead:lead + keep] = tv[:, :, lead + q:].clone()
+                for i in range(len(cache.layers)):
+                    self._flush_layer(i, undo=False)
                 self.num_paged += self.quantum
             n, p = self.num_tokens, self.num_paged
             for i, layer in enumerate(cache.layers):

@@ -86,7 +86,6 @@ def make_cache(method: str, model):
     return PagedKVCache(model.config, kv_format=fmt), "pagedkv"
 
 
-
 def run(method: str, model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
     gc.collect()
     if device.type == "cuda":
