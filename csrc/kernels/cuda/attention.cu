@@ -21,16 +21,6 @@ using namespace attn;
 constexpr int kThreads = 128;
 constexpr int kC = 8;  // channels per thread
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 // Copies the head regions of split columns [c, c + tb) (those that exist) into buf, 16 bytes per
 // thread per step, consecutive threads on consecutive bytes.
 __device__ __forceinline__ void stage_tile(const uint8_t* const* heads, int c, int ncols, int tb, int head_bytes,
@@ -39,7 +29,7 @@ __device__ __forceinline__ void stage_tile(const uint8_t* const* heads, int c, i
   for (int w = tid; w < tb * chunks; w += kThreads) {
     const int b = w / chunks, k = w - b * chunks;
     const uint8_t* src = c + b < ncols ? heads[c + b] : nullptr;
-    if (src != nullptr) cp_async16(buf + b * head_bytes + 16 * k, src + 16 * k);
+    if (src != nullptr) cp_async<16>(buf + b * head_bytes + 16 * k, src + 16 * k);
   }
 }
 

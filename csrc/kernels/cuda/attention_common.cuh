@@ -46,6 +46,21 @@ struct KParams {
   void* out;
 };
 
+// Asynchronous global -> shared copies of N = 4, 8 or 16 bytes (16: bypassing L1), in commit groups.
+// A thread that waits for its own groups sees its own copies without a barrier.
+template <int N>
+__device__ __forceinline__ void cp_async(void* dst, const void* src) {
+  static_assert(N == 4 || N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  if constexpr (N == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
+  else asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(a), "l"(src), "n"(N));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 __device__ __forceinline__ float round_to(float x, DType dt) {
   if (dt == DType::kBF16) return __bfloat162float(__float2bfloat16_rn(x));
   if (dt == DType::kF16) return __half2float(__float2half_rn(x));

@@ -71,16 +71,56 @@ __device__ __forceinline__ constexpr int key_channel(int kk, int sl) {
 // from the odd ones.
 __device__ __forceinline__ constexpr int value_lane_channel(int i) { return 4 * (i / 2) + i % 2; }
 
-// int4 / int2 (kFold) run a software pipeline (the next step's loads in flight during this step's
-// math) at three blocks of 128 threads per SM (168 registers); the other feeds load at the start of
-// the step at four (128 registers), head_dim 256 at two. Measured (ncu cycles, H100, b8 32/8 d128
-// 32k; benchmarks/RESULTS.md): int4 pipelined 370k at four (spills), 279k at three, unpipelined 307k
-// at four; int8 pipelined 401k at four, 380k at three, unpipelined 327k at four.
-constexpr bool decode_pipelined(Format f) { return f == Format::kInt4 || f == Format::kInt2; }
-constexpr int decode_blocks_per_sm(int D, Format f) { return D == 256 ? 2 : decode_pipelined(f) ? 3 : 4; }
+// A fast step's page bytes go through a per-warp ring of NS shared-memory stages. At the top of each
+// step the warp copies, with 16-byte cp.async, the step NS - 1 ahead: its 16 key rows and 16 value
+// rows (contiguous in the block), their token scales (int8 / fp8) or value (scale, zero) words
+// (int4 / int2), and for int4 / int2 at the first step of a key group that group's per-channel
+// (scale, zero) words, which the query refold reads. Loads stay in flight across steps without
+// holding registers; after cp.async.wait_group and a warp barrier each lane reads its own operands
+// where it needs them (keys before the score mma, values after the softmax), at a fixed per-lane
+// offset plus a constant. Rows are padded by 16 bytes, so the lanes' reads spread over the banks. The decode feed of
+// a format: 16-bit pages as stored, int8 / fp8 with token scales, int4 / int2 folded.
+template <Format F>
+constexpr Feed decode_feed() {
+  return F == Format::kBF16 || F == Format::kFP16 ? Feed::kPass
+         : F == Format::kInt8 || F == Format::kFP8E4M3 ? Feed::kTokenScale : Feed::kFold;
+}
+
+template <int D, Format F>
+struct Stage {
+  static constexpr Feed FD = decode_feed<F>();
+  static constexpr bool kTS = FD == Feed::kTokenScale, kFold = FD == Feed::kFold;
+  static constexpr int BITS = bits_of<F, FD>();
+  static constexpr int CBT = D * BITS / 8;  // code bytes per token (a row)
+  static constexpr int RS = CBT + 16;        // a row in the stage, padded by one 16-byte unit
+  static constexpr int GS = D + 16;          // kFold: a lane quarter's (D / 4 channels) group words, padded
+  static constexpr int kK = 0;               // 16 key rows
+  static constexpr int kV = kK + kStep * RS;  // 16 value rows
+  static constexpr int kM = kV + kStep * RS;  // kTS: 16 key then 16 value scales; kFold: value (scale, zero), D / 64 per token
+  static constexpr int kMB = kTS ? 2 * 4 * kStep : kFold ? 4 * kStep * D / 64 : 0;
+  static constexpr int kG = kM + kMB;        // kFold: the key group's (scale, zero) words, 4 x GS
+  static constexpr int kBytes = kG + (kFold ? 4 * GS : 0);  // one warp's stage
+  // Dynamic shared memory besides the stages: query fragments, warp (max, sum), kFold's fp32 query.
+  static constexpr int kOther = (D / 16) * 32 * 8 + 4 * kWarps * kRows * 2 + (kFold ? 4 * kRows * (D + 4) : 0);
+  static constexpr int kStatic = 2 * 8 * kMaxSplitBlocks + 2 * 4 * kRows;
+  // The stages of the block's warps, reused after the loop for the warps' accumulators.
+  static constexpr int area(int ns) { return ns * kWarps * kBytes > 4 * kWarps * kRows * D ? ns * kWarps * kBytes : 4 * kWarps * kRows * D; }
+  // Blocks per SM: two at head_dim 256; three at 128 for int4 / int2 / int8 / fp8 (168 registers: at
+  // 128 the query fragments spill inside the loop; ncu and the same-run benchmark in
+  // benchmarks/RESULTS.md) and where two stages of four blocks do not fit (16-bit pages); else four.
+  // Per block: 228 KB / blocks less 1 KB reserved; three stages where they fit.
+  static constexpr bool fit(int blocks, int ns) { return area(ns) + kOther + kStatic <= 228 * 1024 / blocks - 1024; }
+#ifdef PAGEDKV_DECODE_BLOCKS  // experiments: blocks per SM below head_dim 256
+  static constexpr int kBlocks = D == 256 ? 2 : fit(PAGEDKV_DECODE_BLOCKS, 2) ? PAGEDKV_DECODE_BLOCKS : 3;
+#else
+  static constexpr int kBlocks = D == 256 ? 2 : D == 128 && FD != Feed::kPass ? 3 : fit(4, 2) ? 4 : 3;
+#endif
+  static constexpr int NS = fit(kBlocks, 3) ? 3 : 2;
+  static constexpr int kSmem = area(NS) + kOther;
+};
 
 template <int D, Format F, typename T, Feed FD>
-__global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attention_decode_kernel(const __grid_constant__ KParams p) {
+__global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_decode_kernel(const __grid_constant__ KParams p) {
   constexpr int KS = D / 16;   // k-steps of S^T and m-tiles of O^T
   constexpr int LK = D / 4;    // key channels per lane
   constexpr int LV = D / 8;    // value channels per lane
@@ -100,10 +140,15 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
   constexpr int QS = D + 4;                  // fp32 query row stride (kFold)
   using TK = std::conditional_t<kTS, __half, T>;            // the S^T mma's type
   using TV = std::conditional_t<kTS || kFold, __half, T>;   // the O^T mma's type
+  using SG = Stage<D, F>;
+  static_assert(SG::FD == FD, "the decode feed of the format");
+  static_assert(SG::fit(SG::kBlocks, 2), "two stages must fit");
+  constexpr int NS = SG::NS;
   extern __shared__ __align__(16) uint8_t smem[];
-  uint2* sq = reinterpret_cast<uint2*>(smem);                // [KS][32] query B fragments (unfolded)
-  float* so = reinterpret_cast<float*>(smem + KS * 32 * 8);  // [kWarps][kRows][D] warp accumulators
-  float* sml = so + kWarps * kRows * D;                      // [kWarps][kRows][2] warp (max, sum)
+  uint8_t* stages = smem;                                    // [kWarps][NS] stages, then the accumulators:
+  float* so = reinterpret_cast<float*>(smem);                // [kWarps][kRows][D] after the loop
+  uint2* sq = reinterpret_cast<uint2*>(smem + SG::area(NS)); // [KS][32] query B fragments (unfolded)
+  float* sml = reinterpret_cast<float*>(sq + KS * 32);       // [kWarps][kRows][2] warp (max, sum)
   float* sqf = sml + kWarps * kRows * 2;                     // [kRows][QS] fp32 query rows (kFold)
   __shared__ int row_lo[kRows], row_hi[kRows];
   __shared__ const uint8_t* k_heads[kMaxSplitBlocks];
@@ -203,17 +248,11 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
   float o[KS][4];
 #pragma unroll
   for (int t = 0; t < KS; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
-  int cur_col = -1, cur_grp = -1;  // kFold: the (column, key group) whose q' the lane holds
   // kFold: value chunk g % NC's corrections of rows 2c, 2c + 1 (columns): magic's share in row g
   // (cz[0], cz[1]), zeros' in row g + 8 (cz[2], cz[3]).
   float cz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
-  // A fast step's keys and values in registers (kw, vw, vm, ks, vs). Pipelined (decode_pipelined):
-  // loaded before the step begins, the next step's keys once this step's keys went into the score
-  // mma, its values once this step's values are unpacked, so one step's loads overlap the math of the
-  // one before; otherwise loaded at the start of the step.
-  constexpr bool kPipe = decode_pipelined(F);
-  static_assert(!(kPipe && kTS), "ks / vs would hold the next step's scales during a generic step");
+  // A fast step's keys and values in registers (kw, vw, vm, ks, vs), read from its stage.
   uint32_t kw[2][KW], vw[4][kFold ? NC : VW], vm[4][kFold ? NC : 1];
   float ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};  // kTS: scales of tokens g, g + 8
   // A step's page-head pair (null when not fast: not whole in the warp's range or in one existing block).
@@ -225,84 +264,145 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
     vh = kh != nullptr ? v_heads[scol] : nullptr;
     if (vh == nullptr) kh = nullptr;
   };
-  const auto load_keys = [&](const uint8_t* kh, int off0) {
+  uint8_t* const wstage = stages + warp * NS * SG::kBytes;
+  // Step st's key group needs its (scale, zero) words (kFold): the first step of a group or of the
+  // warp's range (fast steps of one group are contiguous, so this is where the refold runs).
+  const auto group_start = [&](int st, int off0) { return (off0 & (p.k.L.group - 1)) < kStep || st < wlo + kStep; };
+  // Per-lane stage offsets (loop invariant). Copy: 16-byte unit lane + 32 i of the step's rows sits at
+  // row (lane + 32 i) / U, unit (lane + 32 i) % U (U = CBT / 16 units a row); kFold's group words,
+  // unit lane + 32 i of a lane quarter's D / 16; value (scale, zero) word lane + 32 i (D / 64 a token).
+  constexpr int U = CBT / 16;
+  const int cp_row = (lane / U) * SG::RS + (lane % U) * 16;
+  const int cp_grp = (lane / (D / 16)) * SG::GS + (lane % (D / 16)) * 16;
+  const int vshift = vg_shift - 6;  // value groups of 64 << vshift channels
+  // Reads: keys of token g at quarter c, values of token 2c (kFold: channels 8 g of each chunk; int2
+  // inside an aligned word), value (scale, zero) words of token 2c, token scales of token g.
+  const int rd_key = g * SG::RS + c * (KW * 4);
+  const int rd_val = 2 * c * SG::RS + (kFold ? (BITS == 4 ? 4 * g : 4 * (g >> 1)) : g * (VW * 4));
+  // Starts the copy of step st (when it is a fast step) into stage `slot`: cp.async, 16 bytes at a time
+  // (kFold's value (scale, zero) words 4 at a time, one per 64 channels whatever the value group).
+  // Returns the stage's flags: 1 = a fast step, 2 = its key group's words copied (the refold runs).
+  const auto copy_step = [&](int st, int slot) -> uint32_t {
+    const uint8_t *kh, *vh;
+    int scol, off0;
+    step_heads(st, kh, vh, scol, off0);
+    uint32_t flags = 0;
+    if (kh != nullptr) {
+      flags = 1;
+      uint8_t* const sb = wstage + slot * SG::kBytes;
+      const uint8_t* const krow = kh + off0 * CBT + 16 * lane;
+      const uint8_t* const vrow = vh + off0 * CBT + 16 * lane;
 #pragma unroll
-    for (int t = 0; t < 2; ++t) load_words<KW>(kh + (off0 + 8 * t + g) * CBT + c * (LK * BITS / 8), kw[t]);
-    if constexpr (kTS) {
-#pragma unroll
-      for (int t = 0; t < 2; ++t) ks[t] = *reinterpret_cast<const float*>(kh + p.k.L.code_bytes + 4 * (off0 + 8 * t + g));
-    }
-  };
-  // Values of tokens 2c, 2c + 1, 2c + 8, 2c + 9 (and kTS's value scales of tokens g, g + 8).
-  const auto load_values = [&](const uint8_t* vh, int off0) {
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      const int o4 = off0 + 2 * c + (t & 1) + 8 * (t >> 1);
-      if constexpr (kFold) {  // channels [64 j + 8 g, 64 j + 8 g + 8) of each chunk j
-        const uint8_t* row = vh + o4 * CBT + g * BITS;
-        const uint32_t* mz = reinterpret_cast<const uint32_t*>(vh + p.v.L.code_bytes);
-#pragma unroll
-        for (int j = 0; j < NC; ++j) {
-          if constexpr (BITS == 4) vw[t][j] = *reinterpret_cast<const uint32_t*>(row + 32 * j);
-          else vw[t][j] = *reinterpret_cast<const uint16_t*>(row + 16 * j);
-          vm[t][j] = mz[(o4 * D + 64 * j) >> vg_shift];
+      for (int i = 0; i < (CBT + 31) / 32; ++i) {  // 16 rows of CBT bytes: CBT units of 16 bytes
+        if (CBT % 32 == 0 || lane + 32 * i < CBT) {
+          const int off = cp_row + (32 * i / U) * SG::RS;
+          cp_async<16>(sb + SG::kK + off, krow + 512 * i);
+          cp_async<16>(sb + SG::kV + off, vrow + 512 * i);
         }
-      } else {
-        const uint8_t* row = vh + o4 * CBT + g * VB;
-        if constexpr (VB >= 4) load_words<VW>(row, vw[t]);
-        else vw[t][0] = *reinterpret_cast<const uint16_t*>(row);
       }
-    }
-    if constexpr (kTS) {
-#pragma unroll
-      for (int t = 0; t < 2; ++t) vs[t] = *reinterpret_cast<const float*>(vh + p.v.L.code_bytes + 4 * (off0 + 8 * t + g));
-    }
-  };
-  // Values as (token a, token b) pairs of one channel, the A-fragment order.
-  const auto unpack_values = [&](uint32_t (&vr)[2][LV]) {
-#pragma unroll
-    for (int P = 0; P < 2; ++P) {
-      const uint32_t* wa = vw[2 * P];
-      const uint32_t* wb = vw[2 * P + 1];
-      if constexpr (FD == Feed::kPass) {
-#pragma unroll
-        for (int i = 0; i < VW; ++i) {
-          vr[P][2 * i] = __byte_perm(wa[i], wb[i], 0x5410);
-          vr[P][2 * i + 1] = __byte_perm(wa[i], wb[i], 0x7632);
+      if constexpr (kTS) {  // 16 key scales, then 16 value scales: 4 + 4 units
+        if (lane < 8) {
+          const uint8_t* src = lane < 4 ? kh + p.k.L.code_bytes + 4 * off0 : vh + p.v.L.code_bytes + 4 * off0 - 64;
+          cp_async<16>(sb + SG::kM + 16 * lane, src + 16 * lane);
         }
-      } else if constexpr (kTS) {
+      } else if constexpr (kFold) {
+        const uint32_t* vm_src = reinterpret_cast<const uint32_t*>(vh + p.v.L.code_bytes);
 #pragma unroll
-        for (int i = 0; i < VW; ++i) value_words<F>(wa[i], wb[i], &vr[P][4 * i]);
-      } else {  // raw codes: vr[P][8 j + i] = channel 64 j + 8 g + i, 1024 + code (odd i: HIV x code)
+        for (int i = 0; i < (kStep * NC + 31) / 32; ++i) {
+          const int w = lane + 32 * i;  // token w / NC, chunk w % NC
+          if (kStep * NC % 32 == 0 || w < kStep * NC) cp_async<4>(sb + SG::kM + 4 * w, vm_src + ((off0 * NC + w) >> vshift));
+        }
+        if (group_start(st, off0)) {
+          flags |= 2;
+          const uint8_t* sz = kh + p.k.L.code_bytes + 4 * (off0 >> kg_shift) * D + 16 * lane;
 #pragma unroll
-        for (int j = 0; j < NC; ++j) {
-          if constexpr (BITS == 4) {
-            unpack_lohi<4, __half>(__byte_perm(wa[j], wb[j], 0x5410), &vr[P][8 * j]);
-            unpack_lohi<4, __half>(__byte_perm(wa[j], wb[j], 0x7632), &vr[P][8 * j + 4]);
-          } else {
-            unpack_lohi<2, __half>(__byte_perm(wa[j], wb[j], 0x5410), &vr[P][8 * j]);
+          for (int i = 0; i < (D / 4 + 31) / 32; ++i) {
+            if (D >= 128 || lane + 32 * i < D / 4) cp_async<16>(sb + SG::kG + cp_grp + (32 * i / (D / 16)) * SG::GS, sz + 512 * i);
           }
         }
       }
     }
+    cp_async_commit();
+    return flags;
   };
-  const uint8_t *kh = nullptr, *vh = nullptr;
-  int scol = 0, off0 = 0;
-  if constexpr (kPipe) {
-    step_heads(w0, kh, vh, scol, off0);
-    if (kh != nullptr) {
-      load_keys(kh, off0);
-      load_values(vh, off0);
+  const auto read_keys = [&](int slot) {
+    const uint8_t* const sb = wstage + slot * SG::kBytes;
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+#pragma unroll
+      for (int i = 0; i < (KW + 3) / 4; ++i)  // 16-byte units (int2 at head_dim 64: 4 bytes)
+        load_words<KW < 4 ? KW : 4>(sb + SG::kK + rd_key + 8 * t * SG::RS + 16 * i, kw[t] + 4 * i);
+      if constexpr (kTS) ks[t] = *reinterpret_cast<const float*>(sb + SG::kM + 4 * (8 * t + g));
     }
-  }
-
+  };
+  const auto read_values = [&](int slot) {
+    const uint8_t* const sb = wstage + slot * SG::kBytes;
+    const uint8_t* const sv = sb + SG::kV + rd_val;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int dr = (t & 1) + 8 * (t >> 1);  // token 2c + dr
+      if constexpr (kFold) {
+#pragma unroll
+        for (int j = 0; j < NC; ++j) {
+          vw[t][j] = *reinterpret_cast<const uint32_t*>(sv + dr * SG::RS + 8 * BITS * j);
+          if constexpr (BITS == 2) vw[t][j] >>= 16 * (g & 1);
+          vm[t][j] = *reinterpret_cast<const uint32_t*>(sb + SG::kM + 4 * ((2 * c + dr) * NC + j));
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < (VW + 3) / 4; ++i) load_words<VW < 4 ? VW : 4>(sv + dr * SG::RS + 16 * i, vw[t] + 4 * i);
+      }
+    }
+    if constexpr (kTS) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) vs[t] = *reinterpret_cast<const float*>(sb + SG::kM + 64 + 4 * (8 * t + g));
+    }
+  };
+  // Values as (token a, token b) pairs of one channel, the A-fragment order: piece q of the lane's
+  // value words (kFold: 64-channel chunk q) feeds m-tiles [q TPP, (q + 1) TPP), so a fast step unpacks
+  // one piece and runs its mmas before the next (fewer live registers).
+  constexpr int NPC = kFold ? NC : VW, TPP = KS / NPC;
+  // m-tile t of O^T (kFold: chunk t / 4's scaled P^T in bq; the tile's channels as value_lane_channel).
+  const auto pv_tile = [&](int t, const uint32_t (&vr)[2][LV], const uint32_t (&bq)[kFold ? NC : 1][2], uint32_t b0,
+                           uint32_t b1) {
+    if constexpr (kFold) {
+      const int cg = 8 * (t / 4) + value_lane_channel(t % 4);
+      mma<TV>(o[t], make_uint4(vr[0][cg], vr[0][cg + 2], vr[1][cg], vr[1][cg + 2]), bq[t / 4][0], bq[t / 4][1]);
+    } else {
+      mma<TV>(o[t], make_uint4(vr[0][2 * t], vr[0][2 * t + 1], vr[1][2 * t], vr[1][2 * t + 1]), b0, b1);
+    }
+  };
+  const auto unpack_piece = [&](int q, uint32_t (&vr)[2][LV]) {
+#pragma unroll
+    for (int P = 0; P < 2; ++P) {
+      const uint32_t wa = vw[2 * P][q], wb = vw[2 * P + 1][q];
+      if constexpr (FD == Feed::kPass) {
+        vr[P][2 * q] = __byte_perm(wa, wb, 0x5410);
+        vr[P][2 * q + 1] = __byte_perm(wa, wb, 0x7632);
+      } else if constexpr (kTS) {
+        value_words<F>(wa, wb, &vr[P][4 * q]);
+      } else if constexpr (BITS == 4) {  // raw codes: vr[P][8 q + i] = channel 64 q + 8 g + i, 1024 + code (odd i: HIV x code)
+        unpack_lohi<4, __half>(__byte_perm(wa, wb, 0x5410), &vr[P][8 * q]);
+        unpack_lohi<4, __half>(__byte_perm(wa, wb, 0x7632), &vr[P][8 * q + 4]);
+      } else {
+        unpack_lohi<2, __half>(__byte_perm(wa, wb, 0x5410), &vr[P][8 * q]);
+      }
+    }
+  };
+  uint32_t stage_flags = 0;  // copy_step's flags, 2 bits per stage
+#pragma unroll
+  for (int i = 0; i + 1 < NS; ++i) stage_flags |= copy_step(w0 + i * kStep, i) << (2 * i);
+  int slot = 0;  // step st's stage
   for (int st = w0; st < lim; st += kStep) {
-    if constexpr (!kPipe) step_heads(st, kh, vh, scol, off0);
-    const bool fast = kh != nullptr;
+    const uint32_t flags = stage_flags >> (2 * slot);
+    const bool fast = flags & 1;
+    // This step's copies done (every lane's, after the warp barrier), and every lane done reading the
+    // stage of the step before, which the next copy refills.
+    cp_async_wait<NS - 2>();
+    __syncwarp();
+    const int nslot = slot == 0 ? NS - 1 : slot - 1;
+    stage_flags = (stage_flags & ~(3u << (2 * nslot))) | copy_step(st + (NS - 1) * kStep, nslot) << (2 * nslot);
     const bool clean = fast && mask == nullptr && st >= clean_lo && st + kStep <= clean_hi;
-    const uint8_t *nkh = nullptr, *nvh = nullptr;  // the next step's (kPipe)
-    int nscol = 0, noff0 = 0;
-    if constexpr (kPipe) step_heads(st + kStep, nkh, nvh, nscol, noff0);
     float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
     uint32_t vr[2][LV];  // value pairs (tokens 2c + 8 P, 2c + 8 P + 1) of the lane's channels
     bool tok_ok[2] = {true, true};
@@ -317,15 +417,11 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
       }
     }
     if (fast) {
-      if constexpr (!kPipe) {
-        load_keys(kh, off0);
-        load_values(vh, off0);
-      }
+      read_keys(slot);
       if constexpr (kFold) {
-        const int grp = off0 >> kg_shift;
-        if (scol != cur_col || grp != cur_grp) {
+        if (flags & 2) {  // the step's stage holds its key group's (scale, zero) words
           // q' = q * scale (rounded to the model dtype) and the bias q . zero - magic sum(q').
-          const uint32_t* sz = reinterpret_cast<const uint32_t*>(kh + p.k.L.code_bytes) + grp * D + c * LK;
+          const uint32_t* sz = reinterpret_cast<const uint32_t*>(wstage + slot * SG::kBytes + SG::kG + c * SG::GS);
           const float* qr = sqf + g * QS + c * LK;
           float b = 0.0f;
 #pragma unroll
@@ -360,8 +456,6 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
           b += __shfl_xor_sync(0xffffffffu, b, 2);
           kb[0] = __shfl_sync(0xffffffffu, b, 8 * c);
           kb[1] = __shfl_sync(0xffffffffu, b, 8 * c + 4);
-          cur_col = scol;
-          cur_grp = grp;
         }
       }
       // S^T for the 16 tokens.
@@ -395,7 +489,7 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
         sc[2] += kb[0];
         sc[3] += kb[1];
       }
-      if constexpr (!kPipe) unpack_values(vr);
+      read_values(slot);  // its latency hides behind the softmax
     } else {
       // Generic step: entries one by one (block edges, the dense tail, absent blocks), dequantized in
       // fp32 and rounded; scores against the unfolded query.
@@ -430,7 +524,6 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
         }
       }
     }
-    if (kPipe && nkh != nullptr) load_keys(nkh, noff0);  // this step's keys are spent
     // Scale, cap, mask (base-2 logits); online softmax per row over the 16 tokens (lanes g = 0..7).
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -501,7 +594,12 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
           bq[j][1] = h2_bits(__hmul2(as_h2(b1), as_h2(__byte_perm(vm[2][j], vm[3][j], 0x5410))));
         }
       }
-      if constexpr (kPipe) unpack_values(vr);
+#pragma unroll
+      for (int q = 0; q < NPC; ++q) {
+        unpack_piece(q, vr);
+#pragma unroll
+        for (int u = 0; u < TPP; ++u) pv_tile(q * TPP + u, vr, bq, b0, b1);
+      }
     } else {
 #pragma unroll
       for (int j = 0; j < (kFold ? NC : 1); ++j) {
@@ -526,14 +624,10 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
           }
         }
       }
-    }
-    if (kPipe && nkh != nullptr) load_values(nvh, noff0);  // this step's values are spent
-    if constexpr (kFold) {
 #pragma unroll
-      for (int t = 0; t < KS; ++t) {
-        const int cg = 8 * (t / 4) + value_lane_channel(t % 4);
-        mma<TV>(o[t], make_uint4(vr[0][cg], vr[0][cg + 2], vr[1][cg], vr[1][cg + 2]), bq[t / 4][0], bq[t / 4][1]);
-      }
+      for (int t = 0; t < KS; ++t) pv_tile(t, vr, bq, b0, b1);
+    }
+    if constexpr (kFold) {
       if (fast) {
         mma<__half>(cz, make_uint4(0u, za, 0u, zb), b0, b1);
 #pragma unroll
@@ -542,17 +636,11 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
           mma<__half>(cz, make_uint4(a, 0u, a, 0u), bq[j][0], bq[j][1]);
         }
       }
-    } else {
-#pragma unroll
-      for (int t = 0; t < KS; ++t) mma<TV>(o[t], make_uint4(vr[0][2 * t], vr[0][2 * t + 1], vr[1][2 * t], vr[1][2 * t + 1]), b0, b1);
     }
-    if constexpr (kPipe) {
-      kh = nkh;
-      vh = nvh;
-      scol = nscol;
-      off0 = noff0;
-    }
+    slot = slot + 1 == NS ? 0 : slot + 1;
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the accumulators reuse the stages of every warp
 
   // Merge the warps: full row sums, then each warp's state to shared memory (maxima back to base e).
 #pragma unroll
@@ -601,7 +689,7 @@ __global__ void __launch_bounds__(kThreads, decode_blocks_per_sm(D, F)) attentio
 
 template <int D, Format F, typename T, Feed FD>
 cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
-  const size_t smem = (D / 16) * 32 * 8 + sizeof(float) * (kWarps * kRows * (D + 2) + (FD == Feed::kFold ? kRows * (D + 4) : 0));
+  const size_t smem = Stage<D, F>::kSmem;
   PKV_CUDA_TRY(cudaFuncSetAttribute(attention_decode_kernel<D, F, T, FD>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   attention_decode_kernel<D, F, T, FD><<<grid, kThreads, smem, stream>>>(k);
@@ -641,8 +729,22 @@ bool attention_decode_supported(const AttentionParams& p) {
   return pass || f == Format::kInt8 || f == Format::kFP8E4M3 || grouped;
 }
 
+template <int D>
+int blocks_per_sm(Format f) {
+  switch (f) {
+    case Format::kBF16: return Stage<D, Format::kBF16>::kBlocks;
+    case Format::kFP16: return Stage<D, Format::kFP16>::kBlocks;
+    case Format::kFP8E4M3: return Stage<D, Format::kFP8E4M3>::kBlocks;
+    case Format::kInt8: return Stage<D, Format::kInt8>::kBlocks;
+    case Format::kInt4: return Stage<D, Format::kInt4>::kBlocks;
+    case Format::kInt2: return Stage<D, Format::kInt2>::kBlocks;
+    default: return 1;
+  }
+}
+
 int attention_decode_blocks_per_sm(const AttentionParams& p) {
-  return decode_blocks_per_sm(static_cast<int>(p.head_dim()), p.k.layout.format);
+  const int64_t D = p.head_dim();
+  return D == 64 ? blocks_per_sm<64>(p.k.layout.format) : D == 128 ? blocks_per_sm<128>(p.k.layout.format) : blocks_per_sm<256>(p.k.layout.format);
 }
 
 cudaError_t attention_decode_launch(const KParams& k, cudaStream_t stream) {
