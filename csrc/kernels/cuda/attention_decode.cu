@@ -17,10 +17,11 @@
 // scale folded into the query. int4 / int2 values (groups of >= 64 channels) also reach the mma as raw
 // codes: each 64-channel chunk's m-tiles take P^T times the tokens' scales of that chunk, and 1 + D/64
 // correction mmas per step carry the zeros and the codes' magic offset (see the P V step); codes
-// unpack in one LOP3 per pair (unpack_lohi). Grid (split, KV head, sequence), 4 warps per block (3
-// blocks per SM for int4 / int2, which pipeline their loads one step ahead; 4 otherwise), each walking a contiguous run
-// of aligned 16-token steps with its own online softmax (base-2 exponentials), merged in shared memory;
-// partial results go to the merge kernel (attention.cu).
+// unpack in one LOP3 per pair (unpack_lohi). Grid (split, KV head, sequence), 4 warps per block (Stage:
+// blocks per SM), each walking a contiguous run of aligned 16-token steps with its own online softmax
+// (base-2 exponentials), its page bytes arriving through a ring of shared-memory stages filled with
+// cp.async one or two steps ahead; warps merge in shared memory, partial results go to the merge
+// kernel (attention.cu).
 #include <climits>
 #include <type_traits>
 
