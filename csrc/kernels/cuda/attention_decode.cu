@@ -733,8 +733,12 @@ bool attention_decode_supported(const AttentionParams& p) {
 template <int D>
 int blocks_per_sm(Format f) {
   switch (f) {
-    case Format::kBF16: return Stage<D, Format::kBF16>::kBlocks;
-    case Format::kFP16: return Stage<D, Format::kFP16>::kBlocks;
+    case Format::kBF16:
+      if constexpr (D <= 128) return Stage<D, Format::kBF16>::kBlocks;
+      return 1;  // 16-bit pages take this kernel up to head_dim 128
+    case Format::kFP16:
+      if constexpr (D <= 128) return Stage<D, Format::kFP16>::kBlocks;
+      return 1;
     case Format::kFP8E4M3: return Stage<D, Format::kFP8E4M3>::kBlocks;
     case Format::kInt8: return Stage<D, Format::kInt8>::kBlocks;
     case Format::kInt4: return Stage<D, Format::kInt4>::kBlocks;
