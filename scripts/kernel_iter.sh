@@ -24,12 +24,8 @@ measure() {  # $1: variant name
 }
 finish() { tar -C "$OUT" -czf "$OUT/logs.tgz" logs && rm -rf "$L"; }
 trap finish EXIT
-PY=$(command -v python)
-build() {  # $1: extra CUDA flags
-  local t0=$(date +%s)
-  CMAKE_ARGS="-DPython_EXECUTABLE=$PY ${1:+-DCMAKE_CUDA_FLAGS=$1}" PAGEDKV_CUDA=ON PAGEDKV_CUDA_ARCHS=90 \
-    "$PY" -m pip install --no-build-isolation --no-deps -e . > "$L/build.log" 2>&1 || { tail -30 "$L/build.log"; return 1; }
-  echo "build ok ($(( $(date +%s) - t0 )) s) ${1:-}"
+build() {  # $1: extra CUDA flags (scripts/gpu.sh build; its log goes to $OUT/build.log)
+  CUDA_FLAGS="$1" bash scripts/gpu.sh build
 }
 build "" || exit 1
 timeout ${TEST_TIMEOUT:-240} python -m pytest tests/python/test_attention_op.py tests/python/test_cuda.py -q -x \

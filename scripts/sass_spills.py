@@ -44,8 +44,8 @@ def main():
         local = [(i, t) for i, (_, t) in enumerate(ins) if re.search(r"\b(STL|LDL)\b", t)]
         loops = []
         for i, (a, t) in enumerate(ins):
-            m = re.search(r"\bBRA\b.*?`?\(?\.?L?_?x?_?(0x[0-9a-f]+)", t)
-            if m and "BRA" in t:
+            m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", t)
+            if m:
                 tgt = int(m.group(1), 16)
                 if tgt <= a and tgt in addr:
                     loops.append((i - addr[tgt], addr[tgt], i))

@@ -257,9 +257,9 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   uint32_t kw[2][KW], vw[4][kFold ? NC : VW], vm[4][kFold ? NC : 1];
   float ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};  // kTS: scales of tokens g, g + 8
   // A step's page-head pair (null when not fast: not whole in the warp's range or in one existing block).
-  const auto step_heads = [&](int st, const uint8_t*& kh, const uint8_t*& vh, int& scol, int& off0) {
+  const auto step_heads = [&](int st, const uint8_t*& kh, const uint8_t*& vh, int& off0) {
     const int pos0 = isk + st;
-    scol = (pos0 >> bs_shift) - col0;
+    const int scol = (pos0 >> bs_shift) - col0;
     off0 = pos0 & bmask;
     kh = st >= wlo && st + kStep <= lim && st + kStep <= plen ? k_heads[scol] : nullptr;
     vh = kh != nullptr ? v_heads[scol] : nullptr;
@@ -285,8 +285,8 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   // Returns the stage's flags: 1 = a fast step, 2 = its key group's words copied (the refold runs).
   const auto copy_step = [&](int st, int slot) -> uint32_t {
     const uint8_t *kh, *vh;
-    int scol, off0;
-    step_heads(st, kh, vh, scol, off0);
+    int off0;
+    step_heads(st, kh, vh, off0);
     uint32_t flags = 0;
     if (kh != nullptr) {
       flags = 1;
