@@ -4,6 +4,8 @@
 // time into a small fp32 buffer by format-specialized loops the compiler vectorizes; grouped-key
 // scales are unpacked once per key group.
 #include "attention_cpu.h"
+#include "attention_tile_cpu.h"
+#include "simd_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -71,31 +73,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-const float* fp8_table() {
-  static const std::vector<float> t = [] {
-    std::vector<float> v(256);
-    for (int i = 0; i < 256; ++i) v[i] = fp8e4m3_to_float(static_cast<uint8_t>(i));
-    return v;
-  }();
-  return t.data();
-}
-const float* fp16_table() {
-  static const std::vector<float> t = [] {
-    std::vector<float> v(65536);
-    for (int i = 0; i < 65536; ++i) v[i] = fp16_to_float(static_cast<uint16_t>(i));
-    return v;
-  }();
-  return t.data();
-}
-
-inline float load_scalar(const void* base, DType dt, int64_t i) {
-  switch (dt) {
-    case DType::kF32: return static_cast<const float*>(base)[i];
-    case DType::kBF16: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-    default: return fp16_table()[static_cast<const uint16_t*>(base)[i]];
-  }
-}
-
 void load_row(const void* base, DType dt, int64_t offset, int D, float* out) {
   switch (dt) {
     case DType::kF32:
@@ -137,7 +114,8 @@ void store_row(void* base, DType dt, int64_t offset, int D, const float* v) {
 // exp(x) for x <= 0 (x = -inf gives exactly 0), vectorizable: 2^(x log2 e) split into an integer
 // power (exponent bits) and a degree-6 polynomial of the fraction; relative error ~1e-7.
 inline float exp_nonpositive(float x) {
-  const float t = std::fmax(x * 1.4426950408889634f, -126.0f);  // below: 2^-126 (the result is ~0 anyway)
+  const float y = x * 1.4426950408889634f;
+  const float t = y < -126.0f ? -126.0f : y;  // below: 2^-126 (the result is ~0 anyway)
   const float fi = std::nearbyint(t);  // fraction in [-0.5, 0.5]: Taylor error ~1e-7
   const float f = t - fi;
   const float poly = 1.0f + f * (0.69314718f + f * (0.24022652f + f * (0.05550411f + f * (0.00961813f +
@@ -171,242 +149,326 @@ void round_row(float* x, int D, DType dt) {
   }
 }
 
-// Dequantizes rows of one head region. Per-channel key parameters (int4/int2/nf4 keys) are
-// unpacked once per key group and reused for the group's tokens.
-class RowDecoder {
+// Loads the key or value rows of entries [e, e + n) of sequence s, KV head h (one tile): page rows
+// as raw tiles, tail rows as plain fp32 tiles. With a half-precision model dtype page rows are
+// dequantized and rounded to it, as the dense path (gather to that dtype) and transformers'
+// quantized caches do, so fused and dense decoding see the same K/V.
+template <int DC>
+class TileSource {
  public:
-  explicit RowDecoder(const PageLayout& L) : L_(L), ch_scale_(L.head_dim), ch_zero_(L.head_dim) {}
+  TileSource(const AttentionParams& p, const PagedView& view, const void* tail, const int64_t* tail_stride)
+      : p_(p), view_(view), tail_(tail), stride_(tail_stride), dec_(view.layout), rows_(kTile * view.layout.head_dim) {}
 
-  // DC > 0: the head dim as a compile-time constant (fixed trip counts); 0: the layout's.
-  template <int DC>
-  void decode(const uint8_t* head, int64_t o, float* out) {
-    const int D = DC > 0 ? DC : L_.head_dim;
-    const uint8_t* row = head + o * L_.code_bytes_per_token;
-    const uint8_t* meta = head + L_.code_bytes;
-    switch (L_.format) {
-      case Format::kFP32:
-        memcpy(out, row, sizeof(float) * D);
-        return;
-      case Format::kBF16: {
-        const uint16_t* x = reinterpret_cast<const uint16_t*>(row);
-#pragma omp simd
-        for (int d = 0; d < D; ++d) out[d] = bits_float(static_cast<uint32_t>(x[d]) << 16);
-        return;
-      }
-      case Format::kFP16: {
-        const uint16_t* x = reinterpret_cast<const uint16_t*>(row);
-        const float* t = fp16_table();
-        for (int d = 0; d < D; ++d) out[d] = t[x[d]];
-        return;
-      }
-      case Format::kInt8: {
-        float scale;
-        memcpy(&scale, meta + 4 * o, 4);
-        const int8_t* x = reinterpret_cast<const int8_t*>(row);
-#pragma omp simd
-        for (int d = 0; d < D; ++d) out[d] = static_cast<float>(x[d]) * scale;
-        return;
-      }
-      case Format::kFP8E4M3: {
-        float scale;
-        memcpy(&scale, meta + 4 * o, 4);
-        const float* t = fp8_table();
-        for (int d = 0; d < D; ++d) out[d] = t[row[d]] * scale;
-        return;
-      }
-      case Format::kInt4:
-      case Format::kInt2:
-      case Format::kNF4:
-        if (L_.role == Role::kKey) {
-          key_params(head, o / L_.group);
-          decode_codes<DC>(row, D, out);
-          const float* s = ch_scale_.data();
-          const float* z = ch_zero_.data();
-          if (L_.format == Format::kNF4) {
-#pragma omp simd
-            for (int d = 0; d < D; ++d) out[d] = nf4_lut(out[d]) * s[d];
-          } else {
-#pragma omp simd
-            for (int d = 0; d < D; ++d) out[d] = out[d] * s[d] + z[d];
-          }
-        } else {
-          decode_codes<DC>(row, D, out);
-          const int g = L_.group;
-          if (L_.format == Format::kNF4) {
-            uint16_t s2_h;
-            memcpy(&s2_h, meta + 2 * o, 2);
-            const float s2 = fp16_to_float(s2_h);
-            const uint8_t* acodes = meta + 2 * codec::supers_per_block(L_) + o * (D / g);
-            for (int j = 0; j < D / g; ++j) {
-              const float us = nf4_unit_scale(acodes[j], s2);
-              for (int d = j * g; d < (j + 1) * g; ++d) out[d] = nf4_lut(out[d]) * us;
-            }
-          } else {
-            const ScaleZeroF16* sz = reinterpret_cast<const ScaleZeroF16*>(meta) + o * (D / g);
-            for (int j = 0; j < D / g; ++j) {
-              const float s = fp16_to_float(sz[j].scale), z = fp16_to_float(sz[j].zero);
-#pragma omp simd
-              for (int d = j * g; d < (j + 1) * g; ++d) out[d] = out[d] * s + z;
-            }
-          }
-        }
-        return;
+  RawTile load(int64_t s, int64_t h, int64_t e, int n) {
+    const int D = DC > 0 ? DC : static_cast<int>(view_.layout.head_dim);
+    const int64_t plen = p_.seq_lens[s];
+    if (e >= plen) {
+      for (int t = 0; t < n; ++t)
+        load_row(tail_, p_.dtype, s * stride_[0] + h * stride_[1] + (e - plen + t) * stride_[2], D, &rows_[t * D]);
+      RawTile tile;
+      tile.codes = rows_.data();
+      tile.unit = D;
+      return tile;
     }
+    const int64_t pos = (p_.skip ? p_.skip[s] : 0) + e;
+    const int64_t bs = view_.layout.block_size;
+    RawTile tile = dec_.template decode<DC>(
+        view_.head_ptr(p_.block_table[s * p_.max_blocks_per_seq + pos / bs], h), pos % bs, n);
+    if (p_.dtype != DType::kF32 && !is_passthrough(view_.layout.format)) {
+      tile.template dequantize<DC>(n, D, rows_.data());
+      round_row(rows_.data(), n * D, p_.dtype);
+    }
+    return tile;
+  }
+
+  // Zeroes the rows t < n of the tile whose entry e + t is masked out (they may hold anything).
+  void zero_masked(RawTile& tile, const uint8_t* mask, int64_t e, int n) {
+    const int D = DC > 0 ? DC : static_cast<int>(view_.layout.head_dim);
+    if (tile.codes != rows_.data()) {
+      memcpy(rows_.data(), tile.codes, sizeof(float) * D * n);
+      tile.codes = rows_.data();
+    }
+    for (int t = 0; t < n; ++t)
+      if (!mask[e + t]) std::fill(&rows_[t * D], &rows_[t * D] + D, 0.0f);
   }
 
  private:
-  static float nf4_lut(float code) { return nf4_value(static_cast<uint32_t>(code)); }
-
-  // Unpacks sub-byte codes to floats (code values, not yet scaled).
-  template <int DC>
-  void decode_codes(const uint8_t* row, int D_, float* out) const {
-    const int D = DC > 0 ? DC : D_;
-    if (code_bits(L_.format) == 4) {
-#pragma omp simd
-      for (int i = 0; i < D / 2; ++i) {
-        out[2 * i] = static_cast<float>(row[i] & 15u);
-        out[2 * i + 1] = static_cast<float>(row[i] >> 4);
-      }
-    } else {
-#pragma omp simd
-      for (int i = 0; i < D / 4; ++i) {
-        out[4 * i] = static_cast<float>(row[i] & 3u);
-        out[4 * i + 1] = static_cast<float>((row[i] >> 2) & 3u);
-        out[4 * i + 2] = static_cast<float>((row[i] >> 4) & 3u);
-        out[4 * i + 3] = static_cast<float>(row[i] >> 6);
-      }
-    }
-  }
-
-  void key_params(const uint8_t* head, int64_t gi) {
-    if (head == cached_head_ && gi == cached_group_) return;
-    cached_head_ = head;
-    cached_group_ = gi;
-    const int D = L_.head_dim;
-    const uint8_t* meta = head + L_.code_bytes;
-    if (L_.format == Format::kNF4) {
-      uint16_t s2_h;
-      memcpy(&s2_h, meta + 2 * gi, 2);
-      const float s2 = fp16_to_float(s2_h);
-      const uint8_t* acodes = meta + 2 * codec::supers_per_block(L_) + gi * D;
-      for (int d = 0; d < D; ++d) ch_scale_[d] = nf4_unit_scale(acodes[d], s2);
-    } else {
-      const ScaleZeroF16* sz = reinterpret_cast<const ScaleZeroF16*>(meta) + gi * D;
-      for (int d = 0; d < D; ++d) {
-        ch_scale_[d] = fp16_to_float(sz[d].scale);
-        ch_zero_[d] = fp16_to_float(sz[d].zero);
-      }
-    }
-  }
-
-  const PageLayout& L_;
-  std::vector<float> ch_scale_, ch_zero_;
-  const uint8_t* cached_head_ = nullptr;
-  int64_t cached_group_ = -1;
+  const AttentionParams& p_;
+  const PagedView& view_;
+  const void* tail_;
+  const int64_t* stride_;
+  TileDecoder dec_;
+  std::vector<float> rows_;
 };
 
-// Iterates the entries [e0, e1) of sequence s, KV head h, as dequantized fp32 rows.
-template <int DC, typename F>
-void for_each_row(const AttentionParams& p, const PagedView& view, RowDecoder& dec, const void* tail,
-                  const int64_t* tail_stride, int64_t s, int64_t h, int64_t e0, int64_t e1, float* buf, F&& f) {
-  const PageLayout& L = view.layout;
-  const int D = DC > 0 ? DC : L.head_dim;
+// Length of the tile starting at entry e of sequence s, below e1: inside one block and one key group.
+int64_t tile_len(const AttentionParams& p, int64_t s, int64_t e, int64_t e1) {
   const int64_t plen = p.seq_lens[s];
-  const int64_t skip = p.skip ? p.skip[s] : 0;
-  const int32_t* table = p.block_table + s * p.max_blocks_per_seq;
-  const bool round = p.dtype != DType::kF32 && !is_passthrough(L.format);
-  for (int64_t e = e0; e < std::min(e1, plen); ++e) {
-    const int64_t pos = skip + e;
-    dec.template decode<DC>(view.head_ptr(table[pos / L.block_size], h), pos % L.block_size, buf);
-    if (round) round_row(buf, D, p.dtype);
-    f(e, buf);
-  }
-  for (int64_t e = std::max(e0, plen); e < e1; ++e) {
-    load_row(tail, p.dtype, s * tail_stride[0] + h * tail_stride[1] + (e - plen) * tail_stride[2], D, buf);
-    f(e, buf);
+  if (e >= plen) return std::min<int64_t>(kTile, e1 - e);
+  const PageLayout& K = p.k.layout;
+  const int64_t off = ((p.skip ? p.skip[s] : 0) + e) % K.block_size;
+  const int64_t unit = is_grouped(K.format) ? K.group : K.block_size;
+  return std::min<int64_t>({kTile, e1 - e, plen - e, unit - off % unit});
+}
+
+// Dot product of two head_dim rows. With a compile-time head dim (a multiple of 16) the partial
+// sums stay in one 16-lane vector and are reduced as a tree: the generic simd reduction compiled
+// to an in-order chain of scalar adds, 16 dependent adds per dot.
+template <int DC>
+float dot(const float* a, const float* b, int D_) {
+  if constexpr (DC > 0 && DC % 16 == 0) {
+    constexpr int W = 16;
+    float acc[W] = {};
+    for (int c = 0; c < DC; c += W) {
+#pragma omp simd
+      for (int i = 0; i < W; ++i) acc[i] += a[c + i] * b[c + i];
+    }
+#pragma GCC unroll 4
+    for (int w = W / 2; w > 0; w /= 2) {
+#pragma omp simd
+      for (int i = 0; i < w; ++i) acc[i] += acc[i + w];
+    }
+    return acc[0];
+  } else {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int d = 0; d < D_; ++d) s += a[d] * b[d];
+    return s;
   }
 }
 
+// Rows of the query handled together by the vector paths: their DC / 16 vectors each stay in
+// registers while one tile row (key or value) is loaded once for all of them.
+template <int DC>
+constexpr int kRowBlock = DC >= 256 ? 1 : 256 / DC;
+
+// sc[r * kTile + t] = dot(q[r], x[t]) for the rows r < R and the n <= kTile tile rows t.
+template <int DC>
+void tile_scores(const float* q, int64_t R, const float* x, int n, int D_, float* sc) {
+  if constexpr (DC > 0 && DC % 16 == 0) {
+    constexpr int C = DC / 16, RB = kRowBlock<DC>;
+    for (int64_t r0 = 0; r0 < R; r0 += RB) {
+      const int rb = static_cast<int>(std::min<int64_t>(RB, R - r0));
+      f32x16 qv[RB][C], part[RB][kTile];
+      for (int i = 0; i < RB; ++i)
+        for (int c = 0; c < C; ++c) qv[i][c] = i < rb ? load16(q + (r0 + i) * DC + 16 * c) : f32x16{};
+      for (int t = 0; t < kTile; ++t) {
+        if (t >= n) {
+          for (int i = 0; i < RB; ++i) part[i][t] = f32x16{};
+          continue;
+        }
+        f32x16 k[C];
+        for (int c = 0; c < C; ++c) k[c] = load16(x + t * DC + 16 * c);
+        for (int i = 0; i < RB; ++i) {
+          f32x16 a0 = qv[i][0] * k[0], a1{};
+          for (int c = 1; c < C; ++c) (c % 2 ? a1 : a0) += qv[i][c] * k[c];
+          part[i][t] = a0 + a1;
+        }
+      }
+      for (int i = 0; i < rb; ++i) store16(sc + (r0 + i) * kTile, sum_lanes16(part[i]));
+    }
+  } else {
+    for (int64_t r = 0; r < R; ++r)
+      for (int t = 0; t < n; ++t) sc[r * kTile + t] = dot<DC>(q + r * D_, x + t * D_, D_);
+  }
+}
+
+// acc[r][d] += sum over t < n of w[r * w_stride + t * units + u] * x[t][d], u = d / unit, for the
+// rows r < R. On the vector path each tile row is loaded once for a block of rows whose
+// accumulators stay in registers across the tile.
+template <int DC>
+void accumulate(float* acc, int64_t R, const float* w, int64_t w_stride, const RawTile& x, int n, int D_) {
+  const int D = DC > 0 ? DC : D_;
+  const int units = x.units, unit = x.unit;
+  if constexpr (DC > 0 && DC % 16 == 0) {
+    if (unit % 16 == 0) {
+      constexpr int C = DC / 16, RB = kRowBlock<DC>;
+      int cu[C];  // unit of each 16-channel chunk
+      for (int c = 0; c < C; ++c) cu[c] = c * 16 / unit;
+      for (int64_t r0 = 0; r0 < R; r0 += RB) {
+        const int rb = static_cast<int>(std::min<int64_t>(RB, R - r0));
+        f32x16 a[RB][C];
+        for (int i = 0; i < RB; ++i)
+          for (int c = 0; c < C; ++c) a[i][c] = i < rb ? load16(acc + (r0 + i) * DC + 16 * c) : f32x16{};
+        for (int t = 0; t < n; ++t) {
+          f32x16 v[C];
+          for (int c = 0; c < C; ++c) v[c] = load16(x.codes + t * DC + 16 * c);
+          for (int i = 0; i < RB; ++i) {
+            const float* wt = w + (r0 + (i < rb ? i : 0)) * w_stride + t * units;
+            if (units == 1) {
+              const f32x16 ws = splat16(wt[0]);
+              for (int c = 0; c < C; ++c) a[i][c] += ws * v[c];
+            } else {
+              for (int c = 0; c < C; ++c) a[i][c] += splat16(wt[cu[c]]) * v[c];
+            }
+          }
+        }
+        for (int i = 0; i < rb; ++i)
+          for (int c = 0; c < C; ++c) store16(acc + (r0 + i) * DC + 16 * c, a[i][c]);
+      }
+      return;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    for (int t = 0; t < n; ++t) {
+      for (int u = 0; u < units; ++u) {
+        const float wt = w[r * w_stride + t * units + u];
+        const float* c = x.codes + t * D;
+        float* ar = acc + r * D;
+#pragma omp simd
+        for (int d = u * unit; d < (u + 1) * unit; ++d) ar[d] += wt * c[d];
+      }
+    }
+  }
+}
+
+// One work item (sequence, KV head, split): a flash-attention pass over tiles with a running
+// (max, sum, accumulator) per query row; the accumulator is rescaled only when a row's max grows.
+// Dequantization is folded: per-channel key parameters into the query (once per key group), the
+// per-token key scale into the scores, per-token value parameters into the probabilities, with the
+// value zero points summed per row and unit (zacc) and added at the end.
 template <int DC>
 void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
   const int D = DC > 0 ? DC : static_cast<int>(p.head_dim());
   const int64_t H = p.num_kv_heads();
   const int64_t G = p.group_size();
   const int64_t R = p.rows();
-  RowDecoder kdec(p.k.layout), vdec(p.v.layout);
-  std::vector<float> q(R * D), acc(R * D), buf(D), m(R), l(R);
+  const PageLayout& VL = p.v.layout;
+  const int vunits = is_grouped(VL.format) ? D / VL.group : 1;
+  std::vector<float> q(R * D), qf(R * D), qa(R), acc(R * D), zacc(R * vunits), sc(R * kTile), w(R * kTile * D);
+  std::vector<float> m(R), l(R), buf(D);
   std::vector<int64_t> lo(R), hi(R);
-  std::vector<float> scores;
-  std::vector<uint8_t> allowed;
-  for (int64_t w = begin; w < end; ++w) {
-    const int64_t split = w % p.num_splits;
-    const int64_t h = (w / p.num_splits) % H;
-    const int64_t s = w / (p.num_splits * H);
+  TileSource<DC> keys(p, p.k, p.k_tail, p.kt_stride), values(p, p.v, p.v_tail, p.vt_stride);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t split = item % p.num_splits;
+    const int64_t h = (item / p.num_splits) % H;
+    const int64_t s = item / (p.num_splits * H);
     const int64_t n = p.seq_lens[s] + p.tail_len;
     // Rows: r = t * G + j is query token t of query head h * G + j.
-    int64_t row_lo = n, row_hi = -1;
+    int64_t row_lo = n, row_hi = -1, common_lo = 0, common_hi = n;
     for (int64_t r = 0; r < R; ++r) {
       const int64_t t = r / G, j = r % G;
       hi[r] = n - p.q_len + t;
       lo[r] = p.window > 0 ? std::max<int64_t>(hi[r] - p.window + 1, 0) : 0;
       row_lo = std::min(row_lo, lo[r]);
       row_hi = std::max(row_hi, hi[r]);
+      common_lo = std::max(common_lo, lo[r]);
+      common_hi = std::min(common_hi, hi[r]);
       load_row(p.query, p.dtype, s * p.q_stride[0] + (h * G + j) * p.q_stride[1] + t * p.q_stride[2], D, &q[r * D]);
       for (int d = 0; d < D; ++d) q[r * D + d] *= p.scale;
     }
     const int64_t e0 = std::max(split * p.split_tokens, row_lo);
     const int64_t e1 = std::min({(split + 1) * p.split_tokens, n, row_hi + 1});
     std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(zacc.begin(), zacc.end(), 0.0f);
     std::fill(m.begin(), m.end(), kNegInf);
     std::fill(l.begin(), l.end(), 0.0f);
-    if (e1 > e0) {
-      const int64_t len = e1 - e0;
-      scores.assign(R * len, kNegInf);
-      allowed.assign(len, 1);
-      if (p.kv_mask) {
-        const uint8_t* mk = p.kv_mask + s * p.mask_stride + p.mask_offset;
-        for (int64_t e = e0; e < e1; ++e) allowed[e - e0] = mk[e] != 0;
-      }
-      for_each_row<DC>(p, p.k, kdec, p.k_tail, p.kt_stride, s, h, e0, e1, buf.data(), [&](int64_t e, const float* k) {
-        if (!allowed[e - e0]) return;
-        for (int64_t r = 0; r < R; ++r) {
-          if (e < lo[r] || e > hi[r]) continue;
-          const float* qr = &q[r * D];
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int d = 0; d < D; ++d) dot += qr[d] * k[d];
-          if (p.softcap > 0.0f) dot = p.softcap * std::tanh(dot / p.softcap);
-          scores[r * len + (e - e0)] = dot;
+    int64_t q_version = -1;  // key group whose parameters qf / qa hold
+    const uint8_t* mask = p.kv_mask ? p.kv_mask + s * p.mask_stride + p.mask_offset : nullptr;
+    for (int64_t e = e0; e < e1;) {
+      const int nt = static_cast<int>(tile_len(p, s, e, e1));
+      const RawTile kt = keys.load(s, h, e, nt);
+      const float* qk = q.data();
+      if (kt.ch_mul || kt.ch_add) {
+        if (kt.ch_version != q_version) {
+          q_version = kt.ch_version;
+          for (int64_t r = 0; r < R; ++r) {
+            for (int d = 0; d < D; ++d) qf[r * D + d] = q[r * D + d] * (kt.ch_mul ? kt.ch_mul[d] : 1.0f);
+            qa[r] = kt.ch_add ? dot<DC>(&q[r * D], kt.ch_add, D) : 0.0f;
+          }
         }
-      });
+        qk = qf.data();
+      }
+      tile_scores<DC>(qk, R, kt.codes, nt, D, sc.data());
       for (int64_t r = 0; r < R; ++r) {
-        float* sr = &scores[r * len];
+        float* sr = &sc[r * kTile];
+        if (kt.tok_mul) {
+          for (int t = 0; t < nt; ++t) sr[t] *= kt.tok_mul[t];
+        }
+        if (kt.ch_add) {
+          for (int t = 0; t < nt; ++t) sr[t] += qa[r];
+        }
+      }
+      if (p.softcap > 0.0f) {
+        for (int64_t r = 0; r < R; ++r)
+          for (int t = 0; t < nt; ++t) sc[r * kTile + t] = p.softcap * std::tanh(sc[r * kTile + t] / p.softcap);
+      }
+      // Masking: rows outside their [lo, hi] range (chunk causality, window), entries masked out.
+      if (e < common_lo || e + nt - 1 > common_hi) {
+        for (int64_t r = 0; r < R; ++r)
+          for (int t = 0; t < nt; ++t)
+            if (e + t < lo[r] || e + t > hi[r]) sc[r * kTile + t] = kNegInf;
+      }
+      bool masked = false;
+      if (mask) {
+        for (int t = 0; t < nt; ++t) {
+          if (mask[e + t]) continue;
+          masked = true;
+          for (int64_t r = 0; r < R; ++r) sc[r * kTile + t] = kNegInf;
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        float* sr = &sc[r * kTile];
         float mx = kNegInf;
-        for (int64_t i = 0; i < len; ++i) mx = std::max(mx, sr[i]);
-        m[r] = mx;
-        if (mx == kNegInf) continue;
+        for (int t = 0; t < nt; ++t) mx = std::max(mx, sr[t]);
+        if (mx == kNegInf) {  // nothing visible to this row in the tile
+          for (int t = 0; t < nt; ++t) sr[t] = 0.0f;
+          continue;
+        }
+        if (mx > m[r]) {
+          const float c = exp_nonpositive(m[r] - mx);
+          l[r] *= c;
+#pragma omp simd
+          for (int d = 0; d < D; ++d) acc[r * D + d] *= c;
+          for (int u = 0; u < vunits; ++u) zacc[r * vunits + u] *= c;
+          m[r] = mx;
+        }
+        const float mr = m[r];
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < len; ++i) {
-          const float e = exp_nonpositive(sr[i] - mx);
-          sr[i] = e;
-          sum += e;
+        for (int t = 0; t < nt; ++t) {
+          const float x = exp_nonpositive(sr[t] - mr);
+          sr[t] = x;
+          sum += x;
         }
         if (p.dtype != DType::kF32) {
-          for (int64_t i = 0; i < len; ++i) sr[i] = round_p(sr[i], p.dtype);
+          for (int t = 0; t < nt; ++t) sr[t] = round_p(sr[t], p.dtype);
         }
-        l[r] = sum;
+        l[r] += sum;
       }
-      for_each_row<DC>(p, p.v, vdec, p.v_tail, p.vt_stride, s, h, e0, e1, buf.data(), [&](int64_t e, const float* v) {
-        if (!allowed[e - e0]) return;
-        for (int64_t r = 0; r < R; ++r) {
-          if (e < lo[r] || e > hi[r]) continue;
-          const float pr = scores[r * len + (e - e0)];
-          float* ar = &acc[r * D];
+      RawTile vt = values.load(s, h, e, nt);
+      if (masked) values.zero_masked(vt, mask, e, nt);  // keep masked-out entries out of the product
+      const int units = vt.units;
+      const float* wv = sc.data();  // weights per (row, token, unit)
+      int64_t w_stride = kTile;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* pr = &sc[r * kTile];
+        if (vt.tok_mul && units == 1) {
+          float* wr = &w[r * kTile];
 #pragma omp simd
-          for (int d = 0; d < D; ++d) ar[d] += pr * v[d];
+          for (int t = 0; t < kTile; ++t) wr[t] = pr[t] * vt.tok_mul[t];  // slots t >= nt are unused
+        } else if (vt.tok_mul) {
+          for (int t = 0; t < nt; ++t)
+            for (int u = 0; u < units; ++u) w[(r * kTile + t) * units + u] = pr[t] * vt.tok_mul[t * units + u];
         }
-      });
+        if (vt.tok_add) {
+          for (int u = 0; u < units; ++u) {
+            float z = 0.0f;
+            for (int t = 0; t < nt; ++t) z += pr[t] * vt.tok_add[t * units + u];
+            zacc[r * vunits + u] += z;
+          }
+        }
+      }
+      if (vt.tok_mul) {
+        wv = w.data();
+        w_stride = kTile * units;
+      }
+      accumulate<DC>(acc.data(), R, wv, w_stride, vt, nt, D);
+      e += nt;
+    }
+    if (is_grouped(VL.format)) {  // value zero points, summed per unit
+      for (int64_t r = 0; r < R; ++r)
+        for (int d = 0; d < D; ++d) acc[r * D + d] += zacc[r * vunits + d / (D / vunits)];
     }
     if (p.num_splits == 1) {
       for (int64_t r = 0; r < R; ++r) {

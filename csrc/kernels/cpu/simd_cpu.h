@@ -1,0 +1,59 @@
+// 16-lane fp32 vectors for the CPU attention kernel, as GCC/Clang vector extensions: one AVX-512
+// register where the build targets it (-march=native), two AVX2 or four SSE registers otherwise.
+// Used where plain loops compiled badly: small accumulator arrays kept in memory (store-forwarding
+// chains) and horizontal sums reduced in order, one dependent scalar add per lane. Torch-free.
+#pragma once
+
+#include <cstdint>
+
+namespace pagedkv {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef int16_t i16x16 __attribute__((vector_size(32)));
+// Unaligned views for loads and stores (a memcpy into a vector compiled to scalar byte moves).
+typedef float f32x16_u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint8_t u8x16_u __attribute__((vector_size(16), aligned(1), may_alias));
+typedef int8_t i8x16_u __attribute__((vector_size(16), aligned(1), may_alias));
+
+inline f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16_u*>(p); }
+inline void store16(float* p, const f32x16& v) { *reinterpret_cast<f32x16_u*>(p) = v; }
+inline f32x16 splat16(float x) { return f32x16{} + x; }
+// 16 bytes, zero-extended to 32-bit lanes. In two steps: GCC 12 scalarizes a direct 8-to-32-bit
+// conversion (16 byte loads and inserts) but emits vpmovzxbw / vpmovzxwd for these.
+inline i32x16 load_bytes16(const uint8_t* p) {
+  const u16x16 w = __builtin_convertvector(*reinterpret_cast<const u8x16_u*>(p), u16x16);
+  return __builtin_convertvector(w, i32x16);
+}
+// 16 signed bytes, sign-extended to 32-bit lanes (two steps, as above).
+inline i32x16 load_int8x16(const int8_t* p) {
+  const i16x16 w = __builtin_convertvector(*reinterpret_cast<const i8x16_u*>(p), i16x16);
+  return __builtin_convertvector(w, i32x16);
+}
+
+// Lane t of the result is the sum of the 16 lanes of v[t]: a transposing tree, 15 pairs of
+// (two shuffles, one add) for 16 sums instead of a 4-level reduction per vector.
+inline f32x16 sum_lanes16(const f32x16 (&v)[16]) {
+  f32x16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {  // lanes 0-7: 8 partial sums of v[2i]; 8-15: of v[2i+1]
+    const f32x16 x = v[2 * i], y = v[2 * i + 1];
+    a[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {  // 4 lanes per vector
+    const f32x16 x = a[2 * i], y = a[2 * i + 1];
+    b[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {  // 2 lanes per vector
+    const f32x16 x = b[2 * i], y = b[2 * i + 1];
+    c[i] = __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+}  // namespace pagedkv
