@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace pagedkv {
@@ -184,7 +185,9 @@ class TileSource {
   // Zeroes the rows t < n of the tile whose entry e + t is masked out (they may hold anything).
   void zero_masked(RawTile& tile, const uint8_t* mask, int64_t e, int n) {
     const int D = DC > 0 ? DC : static_cast<int>(view_.layout.head_dim);
-    if (tile.codes != rows_.data()) {
+    if (tile.kind != RowKind::kFloat) {
+      tile.template materialize<DC>(n, rows_.data());
+    } else if (tile.codes != rows_.data()) {
       memcpy(rows_.data(), tile.codes, sizeof(float) * D * n);
       tile.codes = rows_.data();
     }
@@ -199,6 +202,34 @@ class TileSource {
   const int64_t* stride_;
   TileDecoder dec_;
   std::vector<float> rows_;
+};
+
+// Software prefetch of the page blocks ahead of the tiles being read: a work item walks its blocks
+// in table order, which the hardware prefetchers cannot follow across scattered blocks, and in a
+// model the pages are cold (the layer's weights pass through the caches between two calls).
+class BlockPrefetcher {
+ public:
+  BlockPrefetcher(const AttentionParams& p, int64_t s, int64_t h, int64_t e)
+      : p_(p), s_(s), h_(h), bs_(p.k.layout.block_size), skip_(p.skip ? p.skip[s] : 0), next_((skip_ + e) / bs_) {
+    end_ = p.seq_lens[s] == 0 ? 0 : (skip_ + p.seq_lens[s] + bs_ - 1) / bs_;
+  }
+
+  // Prefetches the blocks up to the one holding entry e + ahead (ahead: 256 entries, at least two blocks).
+  void advance(int64_t e) {
+    const int64_t until = std::min(end_, (skip_ + e + std::max<int64_t>(256, 2 * bs_)) / bs_ + 1);
+    for (; next_ < until; ++next_) {
+      const int32_t id = p_.block_table[s_ * p_.max_blocks_per_seq + next_];
+      fetch(p_.k.head_ptr(id, h_), p_.k.layout.head_bytes);
+      fetch(p_.v.head_ptr(id, h_), p_.v.layout.head_bytes);
+    }
+  }
+
+ private:
+  static void fetch(const uint8_t* x, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(x + o, 0, 3);
+  }
+  const AttentionParams& p_;
+  int64_t s_, h_, bs_, skip_, next_, end_;
 };
 
 // Length of the tile starting at entry e of sequence s, below e1: inside one block and one key group.
@@ -242,9 +273,24 @@ float dot(const float* a, const float* b, int D_) {
 template <int DC>
 constexpr int kRowBlock = DC >= 256 ? 1 : 256 / DC;
 
+// Calls f with the tile's row kind as a compile-time constant (kFloat only off the packed path).
+template <int DC, typename F>
+void with_row_kind(const RawTile& x, F&& f) {
+  using K = RowKind;
+  if constexpr (kPackedRows<DC>) {
+    switch (x.kind) {
+      case K::kInt8: return f(std::integral_constant<K, K::kInt8>{});
+      case K::kU4: return f(std::integral_constant<K, K::kU4>{});
+      case K::kU2: return f(std::integral_constant<K, K::kU2>{});
+      case K::kFloat: break;
+    }
+  }
+  f(std::integral_constant<K, K::kFloat>{});
+}
+
 // sc[r * kTile + t] = dot(q[r], x[t]) for the rows r < R and the n <= kTile tile rows t.
-template <int DC>
-void tile_scores(const float* q, int64_t R, const float* x, int n, int D_, float* sc) {
+template <RowKind K, int DC>
+void tile_scores(const float* q, int64_t R, const RawTile& x, int n, int D_, float* sc) {
   if constexpr (DC > 0 && DC % 16 == 0) {
     constexpr int C = DC / 16, RB = kRowBlock<DC>;
     for (int64_t r0 = 0; r0 < R; r0 += RB) {
@@ -258,8 +304,8 @@ void tile_scores(const float* q, int64_t R, const float* x, int n, int D_, float
           continue;
         }
         f32x16 k[C];
-        for (int c = 0; c < C; ++c) k[c] = load16(x + t * DC + 16 * c);
-        for (int i = 0; i < RB; ++i) {
+        x.row_chunks<K, DC>(t, k);
+        for (int i = 0; i < RB && i < rb; ++i) {
           f32x16 a0 = qv[i][0] * k[0], a1{};
           for (int c = 1; c < C; ++c) (c % 2 ? a1 : a0) += qv[i][c] * k[c];
           part[i][t] = a0 + a1;
@@ -269,14 +315,14 @@ void tile_scores(const float* q, int64_t R, const float* x, int n, int D_, float
     }
   } else {
     for (int64_t r = 0; r < R; ++r)
-      for (int t = 0; t < n; ++t) sc[r * kTile + t] = dot<DC>(q + r * D_, x + t * D_, D_);
+      for (int t = 0; t < n; ++t) sc[r * kTile + t] = dot<DC>(q + r * D_, x.codes + t * D_, D_);
   }
 }
 
 // acc[r][d] += sum over t < n of w[r * w_stride + t * units + u] * x[t][d], u = d / unit, for the
-// rows r < R. On the vector path each tile row is loaded once for a block of rows whose
+// rows r < R. On the vector path each tile row is widened once for a block of rows whose
 // accumulators stay in registers across the tile.
-template <int DC>
+template <RowKind K, int DC>
 void accumulate(float* acc, int64_t R, const float* w, int64_t w_stride, const RawTile& x, int n, int D_) {
   const int D = DC > 0 ? DC : D_;
   const int units = x.units, unit = x.unit;
@@ -284,7 +330,7 @@ void accumulate(float* acc, int64_t R, const float* w, int64_t w_stride, const R
     if (unit % 16 == 0) {
       constexpr int C = DC / 16, RB = kRowBlock<DC>;
       int cu[C];  // unit of each 16-channel chunk
-      for (int c = 0; c < C; ++c) cu[c] = c * 16 / unit;
+      for (int c = 0; c < C; ++c) cu[c] = chunk_channel<K>(c, 0) / unit;
       for (int64_t r0 = 0; r0 < R; r0 += RB) {
         const int rb = static_cast<int>(std::min<int64_t>(RB, R - r0));
         f32x16 a[RB][C];
@@ -292,9 +338,9 @@ void accumulate(float* acc, int64_t R, const float* w, int64_t w_stride, const R
           for (int c = 0; c < C; ++c) a[i][c] = i < rb ? load16(acc + (r0 + i) * DC + 16 * c) : f32x16{};
         for (int t = 0; t < n; ++t) {
           f32x16 v[C];
-          for (int c = 0; c < C; ++c) v[c] = load16(x.codes + t * DC + 16 * c);
-          for (int i = 0; i < RB; ++i) {
-            const float* wt = w + (r0 + (i < rb ? i : 0)) * w_stride + t * units;
+          x.row_chunks<K, DC>(t, v);
+          for (int i = 0; i < RB && i < rb; ++i) {
+            const float* wt = w + (r0 + i) * w_stride + t * units;
             if (units == 1) {
               const f32x16 ws = splat16(wt[0]);
               for (int c = 0; c < C; ++c) a[i][c] += ws * v[c];
@@ -335,7 +381,10 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
   const int64_t R = p.rows();
   const PageLayout& VL = p.v.layout;
   const int vunits = is_grouped(VL.format) ? D / VL.group : 1;
-  std::vector<float> q(R * D), qf(R * D), qa(R), acc(R * D), zacc(R * vunits), sc(R * kTile), w(R * kTile * D);
+  // q: scaled query rows in channel order; qp: in the lane order of permuted row kinds; qf: folded
+  // with a key group's per-channel parameters. accp: value accumulators in lane order.
+  std::vector<float> q(R * D), qp(R * D), qf(R * D), qa(R), acc(R * D), accp(R * D), zacc(R * vunits);
+  std::vector<float> sc(R * kTile), w(R * kTile * D);
   std::vector<float> m(R), l(R), buf(D);
   std::vector<int64_t> lo(R), hi(R);
   TileSource<DC> keys(p, p.k, p.k_tail, p.kt_stride), values(p, p.v, p.v_tail, p.vt_stride);
@@ -360,26 +409,43 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
     const int64_t e0 = std::max(split * p.split_tokens, row_lo);
     const int64_t e1 = std::min({(split + 1) * p.split_tokens, n, row_hi + 1});
     std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(accp.begin(), accp.end(), 0.0f);
     std::fill(zacc.begin(), zacc.end(), 0.0f);
+    bool qp_ready = false;
+    RowKind vperm = RowKind::kFloat;  // the permuted kind accumulated into accp, if any
     std::fill(m.begin(), m.end(), kNegInf);
     std::fill(l.begin(), l.end(), 0.0f);
     int64_t q_version = -1;  // key group whose parameters qf / qa hold
     const uint8_t* mask = p.kv_mask ? p.kv_mask + s * p.mask_stride + p.mask_offset : nullptr;
+    BlockPrefetcher prefetch(p, s, h, e0);
     for (int64_t e = e0; e < e1;) {
       const int nt = static_cast<int>(tile_len(p, s, e, e1));
+      prefetch.advance(e);
       const RawTile kt = keys.load(s, h, e, nt);
-      const float* qk = q.data();
-      if (kt.ch_mul || kt.ch_add) {
-        if (kt.ch_version != q_version) {
-          q_version = kt.ch_version;
-          for (int64_t r = 0; r < R; ++r) {
-            for (int d = 0; d < D; ++d) qf[r * D + d] = q[r * D + d] * (kt.ch_mul ? kt.ch_mul[d] : 1.0f);
-            qa[r] = kt.ch_add ? dot<DC>(&q[r * D], kt.ch_add, D) : 0.0f;
+      with_row_kind<DC>(kt, [&](auto k) {
+        constexpr RowKind K = decltype(k)::value;
+        const float* qk = q.data();  // query rows in the channel order of the tile's chunks
+        if constexpr (kPermuted<K>) {
+          if (!qp_ready) {
+            for (int64_t r = 0; r < R; ++r)
+              for (int j = 0; j < D; ++j) qp[r * D + j] = q[r * D + chunk_channel<K>(j / 16, j % 16)];
+            qp_ready = true;
           }
+          qk = qp.data();
         }
-        qk = qf.data();
-      }
-      tile_scores<DC>(qk, R, kt.codes, nt, D, sc.data());
+        if (kt.ch_mul || kt.ch_add) {  // page tiles of a call share one kind, so one cache suffices
+          if (kt.ch_version != q_version) {
+            q_version = kt.ch_version;
+            for (int64_t r = 0; r < R; ++r) {
+              for (int j = 0; j < D; ++j)
+                qf[r * D + j] = qk[r * D + j] * (kt.ch_mul ? kt.ch_mul[chunk_channel<K>(j / 16, j % 16)] : 1.0f);
+              qa[r] = kt.ch_add ? dot<DC>(&q[r * D], kt.ch_add, D) : 0.0f;
+            }
+          }
+          qk = qf.data();
+        }
+        tile_scores<K, DC>(qk, R, kt, nt, D, sc.data());
+      });
       for (int64_t r = 0; r < R; ++r) {
         float* sr = &sc[r * kTile];
         if (kt.tok_mul) {
@@ -420,6 +486,8 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
           l[r] *= c;
 #pragma omp simd
           for (int d = 0; d < D; ++d) acc[r * D + d] *= c;
+#pragma omp simd
+          for (int d = 0; d < D; ++d) accp[r * D + d] *= c;
           for (int u = 0; u < vunits; ++u) zacc[r * vunits + u] *= c;
           m[r] = mx;
         }
@@ -463,8 +531,19 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
         wv = w.data();
         w_stride = kTile * units;
       }
-      accumulate<DC>(acc.data(), R, wv, w_stride, vt, nt, D);
+      with_row_kind<DC>(vt, [&](auto k) {
+        constexpr RowKind K = decltype(k)::value;
+        if constexpr (kPermuted<K>) vperm = K;
+        accumulate<K, DC>(kPermuted<K> ? accp.data() : acc.data(), R, wv, w_stride, vt, nt, D);
+      });
       e += nt;
+    }
+    if (vperm != RowKind::kFloat) {  // lane-order accumulators back to channel order
+      const bool u4 = vperm == RowKind::kU4;
+      for (int64_t r = 0; r < R; ++r)
+        for (int j = 0; j < D; ++j)
+          acc[r * D + (u4 ? chunk_channel<RowKind::kU4>(j / 16, j % 16) : chunk_channel<RowKind::kU2>(j / 16, j % 16))] +=
+              accp[r * D + j];
     }
     if (is_grouped(VL.format)) {  // value zero points, summed per unit
       for (int64_t r = 0; r < R; ++r)

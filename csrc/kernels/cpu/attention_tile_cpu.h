@@ -1,12 +1,15 @@
 // Page rows for the CPU attention kernel, one tile of consecutive tokens at a time, in raw form:
-// the codes as fp32 (nf4: codebook values) plus the affine map that dequantizes them,
+// the codes plus the affine map that dequantizes them,
 //
 //   x[t][d] = codes[t][d] * tok_mul[t][u] * ch_mul[d] + tok_add[t][u] + ch_add[d],   u = d / unit
 //
-// where each factor is absent (1 or 0) when its pointer is null. The kernel folds the factors into
-// the query (ch_*), the scores (tok_mul of keys) and the probabilities (tok_* of values) instead of
-// multiplying every element; `dequantize` applies them in place where the values themselves are
-// needed (rounded to a half-precision model dtype). Torch-free.
+// where each factor is absent (1 or 0) when its pointer is null. The codes are either fp32 rows
+// (kFloat: fp32 pages in place, other formats unpacked; nf4 as codebook values) or, on the vector
+// path, the packed int8 / int4 / int2 page rows themselves, which the kernel widens in registers
+// (row_chunks) without storing them. The kernel folds the factors into the query (ch_*), the scores
+// (tok_mul of keys) and the probabilities (tok_* of values) instead of multiplying every element;
+// `dequantize` applies them where the values themselves are needed (rounded to a half-precision
+// model dtype). Torch-free.
 #pragma once
 
 #include <cstring>
@@ -38,8 +41,31 @@ inline const float* fp16_table() {
   return t.data();
 }
 
+enum class RowKind { kFloat, kInt8, kU4, kU2 };
+
+// Channel of lane l of chunk c of a row widened by row_chunks. int4 and int2 rows come out in lane
+// order (low nibbles of 16 bytes, then high nibbles), not channel order, which saves the interleaving
+// shuffles: the kernel permutes the query to match and accumulates values in this order.
+template <RowKind K>
+constexpr int chunk_channel(int c, int l) {
+  if constexpr (K == RowKind::kU4) return (c / 2) * 32 + 2 * l + c % 2;
+  if constexpr (K == RowKind::kU2) return (c / 4) * 64 + 4 * l + c % 4;
+  return 16 * c + l;
+}
+template <RowKind K>
+constexpr bool kPermuted = K == RowKind::kU4 || K == RowKind::kU2;
+// Channels spanned by one chunk: value units (channels per scale) must be multiples of it.
+constexpr int chunk_span(RowKind k) { return k == RowKind::kU4 ? 32 : k == RowKind::kU2 ? 64 : 16; }
+
+// Packed kinds need a compile-time head dim that is a multiple of 64 (whole 16-byte loads).
+template <int DC>
+constexpr bool kPackedRows = DC > 0 && DC % 64 == 0;
+
 struct RawTile {
-  const float* codes = nullptr;    // [kTile][D]: the decoder's buffer, or fp32 page rows in place
+  RowKind kind = RowKind::kFloat;
+  const float* codes = nullptr;    // kFloat: [kTile][D], the decoder's buffer or fp32 page rows in place
+  const uint8_t* packed = nullptr;  // other kinds: page rows, `stride` bytes apart
+  int64_t stride = 0;
   const float* tok_mul = nullptr;  // [kTile][units]
   const float* tok_add = nullptr;  // [kTile][units]
   int units = 1, unit = 0;         // unit: channels per token parameter (D / units)
@@ -47,13 +73,65 @@ struct RawTile {
   const float* ch_add = nullptr;   // [D]
   int64_t ch_version = 0;          // changes whenever ch_mul / ch_add change (a new key group)
 
-  bool plain() const { return !tok_mul && !tok_add && !ch_mul && !ch_add; }
+  // The DC / 16 lane chunks of row t as codes (not yet scaled), in registers.
+  template <RowKind K, int DC>
+  void row_chunks(int t, f32x16 (&v)[DC / 16]) const {
+    if constexpr (K == RowKind::kFloat) {
+      for (int c = 0; c < DC / 16; ++c) v[c] = load16(codes + t * DC + 16 * c);
+    } else if constexpr (K == RowKind::kInt8) {
+      const int8_t* x = reinterpret_cast<const int8_t*>(packed + t * stride);
+      for (int c = 0; c < DC / 16; ++c) v[c] = __builtin_convertvector(load_int8x16(x + 16 * c), f32x16);
+    } else if constexpr (K == RowKind::kU4) {  // byte j: channels 2j (low nibble), 2j + 1
+      const uint8_t* x = packed + t * stride;
+      for (int i = 0; i < DC / 32; ++i) {
+        const i32x16 b = load_bytes16(x + 16 * i);
+        v[2 * i] = __builtin_convertvector(b & 15, f32x16);
+        v[2 * i + 1] = __builtin_convertvector(b >> 4, f32x16);
+      }
+    } else {  // kU2, byte j: channels 4j .. 4j + 3 from the low bits up
+      const uint8_t* x = packed + t * stride;
+      for (int i = 0; i < DC / 64; ++i) {
+        const i32x16 b = load_bytes16(x + 16 * i);
+        v[4 * i] = __builtin_convertvector(b & 3, f32x16);
+        v[4 * i + 1] = __builtin_convertvector((b >> 2) & 3, f32x16);
+        v[4 * i + 2] = __builtin_convertvector((b >> 4) & 3, f32x16);
+        v[4 * i + 3] = __builtin_convertvector(b >> 6, f32x16);
+      }
+    }
+  }
+
+  // Packed rows [0, n) unpacked into out[n][D]; afterwards the tile is kFloat with codes `out`.
+  template <int DC>
+  void materialize(int n, float* out) {
+    if constexpr (kPackedRows<DC>) {
+      if (kind == RowKind::kFloat) return;
+      for (int t = 0; t < n; ++t) {
+        switch (kind) {
+          case RowKind::kInt8: store_row<RowKind::kInt8, DC>(t, out + t * DC); break;
+          case RowKind::kU4: store_row<RowKind::kU4, DC>(t, out + t * DC); break;
+          default: store_row<RowKind::kU2, DC>(t, out + t * DC); break;
+        }
+      }
+      kind = RowKind::kFloat;
+      codes = out;
+    }
+  }
+
+  // Row t in channel order.
+  template <RowKind K, int DC>
+  void store_row(int t, float* out) const {
+    f32x16 v[DC / 16];
+    row_chunks<K, DC>(t, v);
+    for (int c = 0; c < DC / 16; ++c)
+      for (int l = 0; l < 16; ++l) out[chunk_channel<K>(c, l)] = v[c][l];
+  }
 
   // Applies the map to rows [0, n), writing them to out[n][D] (which may be `codes`); afterwards
-  // the tile is plain and its codes are `out`.
+  // the tile is plain kFloat and its codes are `out`.
   template <int DC>
   void dequantize(int n, int D_, float* out) {
     const int D = DC > 0 ? DC : D_;
+    materialize<DC>(n, out);
     for (int t = 0; t < n; ++t) {
       float* x = out + t * D;
       if (x != codes + t * D) memcpy(x, codes + t * D, sizeof(float) * D);
@@ -132,23 +210,31 @@ class TileDecoder {
         return tile;
       }
       case Format::kInt8:
+        tile.tok_mul = token_scales(meta, o, n);
+        if constexpr (kPackedRows<DC>) {
+          tile.kind = RowKind::kInt8;
+          tile.packed = rows;
+          tile.stride = cb;
+          return tile;
+        }
         for (int t = 0; t < n; ++t) {
           const int8_t* x = reinterpret_cast<const int8_t*>(rows + t * cb);
-          float* y = out + t * D;
-          if constexpr (DC > 0 && DC % 16 == 0) {
-            for (int d = 0; d < DC; d += 16) store16(y + d, __builtin_convertvector(load_int8x16(x + d), f32x16));
-          } else {
-            for (int d = 0; d < D; ++d) y[d] = static_cast<float>(x[d]);
-          }
+          for (int d = 0; d < D; ++d) out[t * D + d] = static_cast<float>(x[d]);
         }
-        tile.tok_mul = token_scales(meta, o, n);
         return tile;
       case Format::kInt4:
       case Format::kInt2:
       case Format::kNF4:
-        for (int t = 0; t < n; ++t) unpack<DC>(rows + t * cb, D, out + t * D);
-        if (L_.format == Format::kNF4) {
-          for (int i = 0; i < n * D; ++i) out[i] = nf4_value(static_cast<uint32_t>(out[i]));
+        const RowKind kind = code_bits(L_.format) == 4 ? RowKind::kU4 : RowKind::kU2;
+        if (kPackedRows<DC> && L_.format != Format::kNF4 && (L_.role == Role::kKey || L_.group % chunk_span(kind) == 0)) {
+          tile.kind = kind;
+          tile.packed = rows;
+          tile.stride = cb;
+        } else {
+          for (int t = 0; t < n; ++t) unpack(rows + t * cb, D, out + t * D);
+          if (L_.format == Format::kNF4) {
+            for (int i = 0; i < n * D; ++i) out[i] = nf4_value(static_cast<uint32_t>(out[i]));
+          }
         }
         if (L_.role == Role::kKey) {
           key_params(head, o / L_.group);
@@ -169,38 +255,8 @@ class TileDecoder {
     return tok_mul_.data();
   }
 
-  // Sub-byte codes to floats (code values, not yet scaled).
-  template <int DC>
-  void unpack(const uint8_t* row, int D_, float* out) const {
-    const int D = DC > 0 ? DC : D_;
-    if constexpr (DC > 0 && DC % 64 == 0) {  // 16 bytes at a time, widened and interleaved in registers
-      if (code_bits(L_.format) == 4) {
-        for (int i = 0; i < DC / 2; i += 16) {
-          const i32x16 b = load_bytes16(row + i);
-          const f32x16 lo = __builtin_convertvector(b & 15, f32x16), hi = __builtin_convertvector(b >> 4, f32x16);
-          store16(out + 2 * i, __builtin_shufflevector(lo, hi, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
-          store16(out + 2 * i + 16,
-                  __builtin_shufflevector(lo, hi, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
-        }
-      } else {
-        for (int i = 0; i < DC / 4; i += 16) {
-          const i32x16 b = load_bytes16(row + i);
-          const f32x16 c0 = __builtin_convertvector(b & 3, f32x16), c1 = __builtin_convertvector((b >> 2) & 3, f32x16);
-          const f32x16 c2 = __builtin_convertvector((b >> 4) & 3, f32x16), c3 = __builtin_convertvector(b >> 6, f32x16);
-          // codes of byte j: (c0[j], c1[j], c2[j], c3[j]) -> out[4j .. 4j + 3]
-          const f32x16 a0 = __builtin_shufflevector(c0, c2, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-          const f32x16 a1 = __builtin_shufflevector(c0, c2, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-          const f32x16 b0 = __builtin_shufflevector(c1, c3, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-          const f32x16 b1 = __builtin_shufflevector(c1, c3, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-          float* o = out + 4 * i;
-          store16(o, __builtin_shufflevector(a0, b0, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
-          store16(o + 16, __builtin_shufflevector(a0, b0, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
-          store16(o + 32, __builtin_shufflevector(a1, b1, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
-          store16(o + 48, __builtin_shufflevector(a1, b1, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
-        }
-      }
-      return;
-    }
+  // Sub-byte codes to floats (code values, not yet scaled): the scalar path (nf4, other head dims).
+  void unpack(const uint8_t* row, int D, float* out) const {
     if (code_bits(L_.format) == 4) {
 #pragma omp simd
       for (int i = 0; i < D / 2; ++i) {

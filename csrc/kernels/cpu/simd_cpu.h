@@ -33,6 +33,14 @@ inline i32x16 load_int8x16(const int8_t* p) {
   return __builtin_convertvector(w, i32x16);
 }
 
+// Lanes 0-7 of a and b interleaved (a0 b0 a1 b1 ...), and lanes 8-15.
+inline f32x16 interleave_lo(const f32x16& a, const f32x16& b) {
+  return __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+}
+inline f32x16 interleave_hi(const f32x16& a, const f32x16& b) {
+  return __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+}
+
 // Lane t of the result is the sum of the 16 lanes of v[t]: a transposing tree, 15 pairs of
 // (two shuffles, one add) for 16 sums instead of a 4-level reduction per vector.
 inline f32x16 sum_lanes16(const f32x16 (&v)[16]) {
