@@ -114,7 +114,7 @@ void store_row(void* base, DType dt, int64_t offset, int D, const float* v) {
 
 // exp(x) for x <= 0 (x = -inf gives exactly 0), vectorizable: 2^(x log2 e) split into an integer
 // power (exponent bits) and a degree-6 polynomial of the fraction; relative error ~1e-7.
-inline float exp_nonpositive(float x) {
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
   const float y = x * 1.4426950408889634f;
   const float t = y < -126.0f ? -126.0f : y;  // below: 2^-126 (the result is ~0 anyway)
   const float fi = std::nearbyint(t);  // fraction in [-0.5, 0.5]: Taylor error ~1e-7
@@ -280,7 +280,9 @@ void with_row_kind(const RawTile& x, F&& f) {
   if constexpr (kPackedRows<DC>) {
     switch (x.kind) {
       case K::kInt8: return f(std::integral_constant<K, K::kInt8>{});
+      case K::kFp8: return f(std::integral_constant<K, K::kFp8>{});
       case K::kU4: return f(std::integral_constant<K, K::kU4>{});
+      case K::kNF4: return f(std::integral_constant<K, K::kNF4>{});
       case K::kU2: return f(std::integral_constant<K, K::kU2>{});
       case K::kFloat: break;
     }
@@ -288,9 +290,10 @@ void with_row_kind(const RawTile& x, F&& f) {
   f(std::integral_constant<K, K::kFloat>{});
 }
 
-// sc[r * kTile + t] = dot(q[r], x[t]) for the rows r < R and the n <= kTile tile rows t.
+// sc[r * sc_stride + t] = dot(q[r], x[t]) for the rows r < R and the n <= kTile tile rows t (the
+// vector path writes all kTile slots of each row).
 template <RowKind K, int DC>
-void tile_scores(const float* q, int64_t R, const RawTile& x, int n, int D_, float* sc) {
+void tile_scores(const float* q, int64_t R, const RawTile& x, int n, int D_, float* sc, int64_t sc_stride) {
   if constexpr (DC > 0 && DC % 16 == 0) {
     constexpr int C = DC / 16, RB = kRowBlock<DC>;
     for (int64_t r0 = 0; r0 < R; r0 += RB) {
@@ -311,11 +314,11 @@ void tile_scores(const float* q, int64_t R, const RawTile& x, int n, int D_, flo
           part[i][t] = a0 + a1;
         }
       }
-      for (int i = 0; i < rb; ++i) store16(sc + (r0 + i) * kTile, sum_lanes16(part[i]));
+      for (int i = 0; i < rb; ++i) store16(sc + (r0 + i) * sc_stride, sum_lanes16(part[i]));
     }
   } else {
     for (int64_t r = 0; r < R; ++r)
-      for (int t = 0; t < n; ++t) sc[r * kTile + t] = dot<DC>(q + r * D_, x.codes + t * D_, D_);
+      for (int t = 0; t < n; ++t) sc[r * sc_stride + t] = dot<DC>(q + r * D_, x.codes + t * D_, D_);
   }
 }
 
@@ -368,8 +371,15 @@ void accumulate(float* acc, int64_t R, const float* w, int64_t w_stride, const R
   }
 }
 
-// One work item (sequence, KV head, split): a flash-attention pass over tiles with a running
-// (max, sum, accumulator) per query row; the accumulator is rescaled only when a row's max grows.
+// The softmax runs over chunks of kChunk entries (aligned to multiples of kChunk): the scores of a
+// chunk's tiles first, then one max per row, then the chunk's values. With a half-precision model
+// dtype the probabilities are rounded to it relative to that max, as torch's CPU flash attention
+// does over its key blocks of 512, so decoding short contexts matches sdpa token for token.
+constexpr int64_t kChunk = 512;
+constexpr int64_t kScStride = kChunk + kTile;  // score row stride: the last tile's store spills over
+
+// One work item (sequence, KV head, split): a flash-attention pass over chunks with a running
+// (max, sum, accumulator) per query row; the accumulators are rescaled only when a row's max grows.
 // Dequantization is folded: per-channel key parameters into the query (once per key group), the
 // per-token key scale into the scores, per-token value parameters into the probabilities, with the
 // value zero points summed per row and unit (zacc) and added at the end.
@@ -384,7 +394,7 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
   // q: scaled query rows in channel order; qp: in the lane order of permuted row kinds; qf: folded
   // with a key group's per-channel parameters. accp: value accumulators in lane order.
   std::vector<float> q(R * D), qp(R * D), qf(R * D), qa(R), acc(R * D), accp(R * D), zacc(R * vunits);
-  std::vector<float> sc(R * kTile), w(R * kTile * D);
+  std::vector<float> sc(R * kScStride), w(R * kTile * D), chm(D);
   std::vector<float> m(R), l(R), buf(D);
   std::vector<int64_t> lo(R), hi(R);
   TileSource<DC> keys(p, p.k, p.k_tail, p.kt_stride), values(p, p.v, p.v_tail, p.vt_stride);
@@ -418,67 +428,81 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
     int64_t q_version = -1;  // key group whose parameters qf / qa hold
     const uint8_t* mask = p.kv_mask ? p.kv_mask + s * p.mask_stride + p.mask_offset : nullptr;
     BlockPrefetcher prefetch(p, s, h, e0);
-    for (int64_t e = e0; e < e1;) {
-      const int nt = static_cast<int>(tile_len(p, s, e, e1));
-      prefetch.advance(e);
-      const RawTile kt = keys.load(s, h, e, nt);
-      with_row_kind<DC>(kt, [&](auto k) {
-        constexpr RowKind K = decltype(k)::value;
-        const float* qk = q.data();  // query rows in the channel order of the tile's chunks
-        if constexpr (kPermuted<K>) {
-          if (!qp_ready) {
-            for (int64_t r = 0; r < R; ++r)
-              for (int j = 0; j < D; ++j) qp[r * D + j] = q[r * D + chunk_channel<K>(j / 16, j % 16)];
-            qp_ready = true;
-          }
-          qk = qp.data();
-        }
-        if (kt.ch_mul || kt.ch_add) {  // page tiles of a call share one kind, so one cache suffices
-          if (kt.ch_version != q_version) {
-            q_version = kt.ch_version;
-            for (int64_t r = 0; r < R; ++r) {
-              for (int j = 0; j < D; ++j)
-                qf[r * D + j] = qk[r * D + j] * (kt.ch_mul ? kt.ch_mul[chunk_channel<K>(j / 16, j % 16)] : 1.0f);
-              qa[r] = kt.ch_add ? dot<DC>(&q[r * D], kt.ch_add, D) : 0.0f;
+    for (int64_t c0 = e0; c0 < e1;) {
+      const int64_t c1 = std::min(e1, (c0 / kChunk + 1) * kChunk);
+      // Pass 1: the chunk's scores, tile by tile.
+      for (int64_t e = c0; e < c1;) {
+        const int nt = static_cast<int>(tile_len(p, s, e, c1));
+        prefetch.advance(e);
+        float* st = &sc[e - c0];  // row r at st[r * kScStride]
+        const RawTile kt = keys.load(s, h, e, nt);
+        with_row_kind<DC>(kt, [&](auto k) {
+          constexpr RowKind K = decltype(k)::value;
+          const float* qk = q.data();  // query rows in the channel order of the tile's chunks
+          if constexpr (kPermuted<K>) {
+            if (!qp_ready) {
+              for (int64_t r = 0; r < R; ++r)
+                for (int j = 0; j < D; ++j) qp[r * D + j] = q[r * D + chunk_channel<K>(j / 16, j % 16)];
+              qp_ready = true;
             }
+            qk = qp.data();
           }
-          qk = qf.data();
+          if (kt.ch_mul || kt.ch_add) {  // page tiles of a call share one kind, so one cache suffices
+            if (kt.ch_version != q_version) {
+              q_version = kt.ch_version;
+              const float* cm = kt.ch_mul;
+              if (cm && kPermuted<K>) {
+                for (int j = 0; j < D; ++j) chm[j] = cm[chunk_channel<K>(j / 16, j % 16)];
+                cm = chm.data();
+              }
+              for (int64_t r = 0; r < R; ++r) {
+                if (cm) {
+#pragma omp simd
+                  for (int j = 0; j < D; ++j) qf[r * D + j] = qk[r * D + j] * cm[j];
+                } else {
+                  std::copy(qk + r * D, qk + (r + 1) * D, &qf[r * D]);
+                }
+                qa[r] = kt.ch_add ? dot<DC>(&q[r * D], kt.ch_add, D) : 0.0f;
+              }
+            }
+            qk = qf.data();
+          }
+          tile_scores<K, DC>(qk, R, kt, nt, D, st, kScStride);
+        });
+        for (int64_t r = 0; r < R; ++r) {
+          float* sr = st + r * kScStride;
+          if (kt.tok_mul) {
+            for (int t = 0; t < nt; ++t) sr[t] *= kt.tok_mul[t];
+          }
+          if (kt.ch_add) {
+            for (int t = 0; t < nt; ++t) sr[t] += qa[r];
+          }
+          if (p.softcap > 0.0f) {
+            for (int t = 0; t < nt; ++t) sr[t] = p.softcap * std::tanh(sr[t] / p.softcap);
+          }
         }
-        tile_scores<K, DC>(qk, R, kt, nt, D, sc.data());
-      });
-      for (int64_t r = 0; r < R; ++r) {
-        float* sr = &sc[r * kTile];
-        if (kt.tok_mul) {
-          for (int t = 0; t < nt; ++t) sr[t] *= kt.tok_mul[t];
+        // Masking: rows outside their [lo, hi] range (chunk causality, window), entries masked out.
+        if (e < common_lo || e + nt - 1 > common_hi) {
+          for (int64_t r = 0; r < R; ++r)
+            for (int t = 0; t < nt; ++t)
+              if (e + t < lo[r] || e + t > hi[r]) st[r * kScStride + t] = kNegInf;
         }
-        if (kt.ch_add) {
-          for (int t = 0; t < nt; ++t) sr[t] += qa[r];
-        }
-      }
-      if (p.softcap > 0.0f) {
-        for (int64_t r = 0; r < R; ++r)
-          for (int t = 0; t < nt; ++t) sc[r * kTile + t] = p.softcap * std::tanh(sc[r * kTile + t] / p.softcap);
-      }
-      // Masking: rows outside their [lo, hi] range (chunk causality, window), entries masked out.
-      if (e < common_lo || e + nt - 1 > common_hi) {
-        for (int64_t r = 0; r < R; ++r)
+        if (mask) {
           for (int t = 0; t < nt; ++t)
-            if (e + t < lo[r] || e + t > hi[r]) sc[r * kTile + t] = kNegInf;
-      }
-      bool masked = false;
-      if (mask) {
-        for (int t = 0; t < nt; ++t) {
-          if (mask[e + t]) continue;
-          masked = true;
-          for (int64_t r = 0; r < R; ++r) sc[r * kTile + t] = kNegInf;
+            if (!mask[e + t])
+              for (int64_t r = 0; r < R; ++r) st[r * kScStride + t] = kNegInf;
         }
+        e += nt;
       }
+      // Softmax over the chunk, against each row's running max.
+      const int64_t len = c1 - c0;
       for (int64_t r = 0; r < R; ++r) {
-        float* sr = &sc[r * kTile];
+        float* sr = &sc[r * kScStride];
         float mx = kNegInf;
-        for (int t = 0; t < nt; ++t) mx = std::max(mx, sr[t]);
-        if (mx == kNegInf) {  // nothing visible to this row in the tile
-          for (int t = 0; t < nt; ++t) sr[t] = 0.0f;
+#pragma omp simd reduction(max : mx)
+        for (int64_t i = 0; i < len; ++i) mx = sr[i] > mx ? sr[i] : mx;
+        if (mx == kNegInf) {  // nothing visible to this row in the chunk
+          std::fill(sr, sr + len, 0.0f);
           continue;
         }
         if (mx > m[r]) {
@@ -494,55 +518,66 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
         const float mr = m[r];
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int t = 0; t < nt; ++t) {
-          const float x = exp_nonpositive(sr[t] - mr);
-          sr[t] = x;
+        for (int64_t i = 0; i < len; ++i) {
+          const float x = exp_nonpositive(sr[i] - mr);
+          sr[i] = x;
           sum += x;
         }
         if (p.dtype != DType::kF32) {
-          for (int t = 0; t < nt; ++t) sr[t] = round_p(sr[t], p.dtype);
+          for (int64_t i = 0; i < len; ++i) sr[i] = round_p(sr[i], p.dtype);
         }
         l[r] += sum;
       }
-      RawTile vt = values.load(s, h, e, nt);
-      if (masked) values.zero_masked(vt, mask, e, nt);  // keep masked-out entries out of the product
-      const int units = vt.units;
-      const float* wv = sc.data();  // weights per (row, token, unit)
-      int64_t w_stride = kTile;
-      for (int64_t r = 0; r < R; ++r) {
-        const float* pr = &sc[r * kTile];
-        if (vt.tok_mul && units == 1) {
-          float* wr = &w[r * kTile];
-#pragma omp simd
-          for (int t = 0; t < kTile; ++t) wr[t] = pr[t] * vt.tok_mul[t];  // slots t >= nt are unused
-        } else if (vt.tok_mul) {
-          for (int t = 0; t < nt; ++t)
-            for (int u = 0; u < units; ++u) w[(r * kTile + t) * units + u] = pr[t] * vt.tok_mul[t * units + u];
+      // Pass 2: the chunk's values, weighted by the probabilities.
+      for (int64_t e = c0; e < c1;) {
+        const int nt = static_cast<int>(tile_len(p, s, e, c1));
+        const float* pt = &sc[e - c0];  // row r at pt[r * kScStride]
+        RawTile vt = values.load(s, h, e, nt);
+        if (mask) {  // masked-out entries may hold anything: keep them out of the product entirely
+          bool masked = false;
+          for (int t = 0; t < nt; ++t) masked |= !mask[e + t];
+          if (masked) values.zero_masked(vt, mask, e, nt);
         }
-        if (vt.tok_add) {
-          for (int u = 0; u < units; ++u) {
-            float z = 0.0f;
-            for (int t = 0; t < nt; ++t) z += pr[t] * vt.tok_add[t * units + u];
-            zacc[r * vunits + u] += z;
+        const int units = vt.units;
+        const float* wv = pt;  // weights per (row, token, unit)
+        int64_t w_stride = kScStride;
+        for (int64_t r = 0; r < R; ++r) {
+          const float* pr = pt + r * kScStride;
+          if (vt.tok_mul && units == 1) {
+            float* wr = &w[r * kTile];
+#pragma omp simd
+            for (int t = 0; t < kTile; ++t) wr[t] = pr[t] * vt.tok_mul[t];  // slots t >= nt are unused
+          } else if (vt.tok_mul) {
+            for (int t = 0; t < nt; ++t)
+              for (int u = 0; u < units; ++u) w[(r * kTile + t) * units + u] = pr[t] * vt.tok_mul[t * units + u];
+          }
+          if (vt.tok_add) {
+            for (int u = 0; u < units; ++u) {
+              float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+              for (int t = 0; t < nt; ++t) z += pr[t] * vt.tok_add[t * units + u];
+              zacc[r * vunits + u] += z;
+            }
           }
         }
+        if (vt.tok_mul) {
+          wv = w.data();
+          w_stride = kTile * units;
+        }
+        with_row_kind<DC>(vt, [&](auto k) {
+          constexpr RowKind K = decltype(k)::value;
+          if constexpr (kPermuted<K>) vperm = K;
+          accumulate<K, DC>(kPermuted<K> ? accp.data() : acc.data(), R, wv, w_stride, vt, nt, D);
+        });
+        e += nt;
       }
-      if (vt.tok_mul) {
-        wv = w.data();
-        w_stride = kTile * units;
-      }
-      with_row_kind<DC>(vt, [&](auto k) {
-        constexpr RowKind K = decltype(k)::value;
-        if constexpr (kPermuted<K>) vperm = K;
-        accumulate<K, DC>(kPermuted<K> ? accp.data() : acc.data(), R, wv, w_stride, vt, nt, D);
-      });
-      e += nt;
+      c0 = c1;
     }
     if (vperm != RowKind::kFloat) {  // lane-order accumulators back to channel order
-      const bool u4 = vperm == RowKind::kU4;
+      const bool u2 = vperm == RowKind::kU2;  // kU4 and kNF4 share one order
       for (int64_t r = 0; r < R; ++r)
         for (int j = 0; j < D; ++j)
-          acc[r * D + (u4 ? chunk_channel<RowKind::kU4>(j / 16, j % 16) : chunk_channel<RowKind::kU2>(j / 16, j % 16))] +=
+          acc[r * D + (u2 ? chunk_channel<RowKind::kU2>(j / 16, j % 16) : chunk_channel<RowKind::kU4>(j / 16, j % 16))] +=
               accp[r * D + j];
     }
     if (is_grouped(VL.format)) {  // value zero points, summed per unit

@@ -41,21 +41,29 @@ inline const float* fp16_table() {
   return t.data();
 }
 
-enum class RowKind { kFloat, kInt8, kU4, kU2 };
+enum class RowKind { kFloat, kInt8, kFp8, kU4, kNF4, kU2 };
 
 // Channel of lane l of chunk c of a row widened by row_chunks. int4 and int2 rows come out in lane
 // order (low nibbles of 16 bytes, then high nibbles), not channel order, which saves the interleaving
 // shuffles: the kernel permutes the query to match and accumulates values in this order.
 template <RowKind K>
 constexpr int chunk_channel(int c, int l) {
-  if constexpr (K == RowKind::kU4) return (c / 2) * 32 + 2 * l + c % 2;
+  if constexpr (K == RowKind::kU4 || K == RowKind::kNF4) return (c / 2) * 32 + 2 * l + c % 2;
   if constexpr (K == RowKind::kU2) return (c / 4) * 64 + 4 * l + c % 4;
   return 16 * c + l;
 }
 template <RowKind K>
-constexpr bool kPermuted = K == RowKind::kU4 || K == RowKind::kU2;
+constexpr bool kPermuted = K == RowKind::kU4 || K == RowKind::kNF4 || K == RowKind::kU2;
 // Channels spanned by one chunk: value units (channels per scale) must be multiples of it.
-constexpr int chunk_span(RowKind k) { return k == RowKind::kU4 ? 32 : k == RowKind::kU2 ? 64 : 16; }
+constexpr int chunk_span(RowKind k) {
+  return k == RowKind::kU4 || k == RowKind::kNF4 ? 32 : k == RowKind::kU2 ? 64 : 16;
+}
+
+inline f32x16 nf4_table16() {
+  f32x16 t;
+  for (int i = 0; i < 16; ++i) t[i] = nf4_value(static_cast<uint32_t>(i));
+  return t;
+}
 
 // Packed kinds need a compile-time head dim that is a multiple of 64 (whole 16-byte loads).
 template <int DC>
@@ -81,12 +89,23 @@ struct RawTile {
     } else if constexpr (K == RowKind::kInt8) {
       const int8_t* x = reinterpret_cast<const int8_t*>(packed + t * stride);
       for (int c = 0; c < DC / 16; ++c) v[c] = __builtin_convertvector(load_int8x16(x + 16 * c), f32x16);
+    } else if constexpr (K == RowKind::kFp8) {
+      const uint8_t* x = packed + t * stride;
+      for (int c = 0; c < DC / 16; ++c) v[c] = fp8e4m3_to_f32x16(load_bytes16(x + 16 * c));
     } else if constexpr (K == RowKind::kU4) {  // byte j: channels 2j (low nibble), 2j + 1
       const uint8_t* x = packed + t * stride;
       for (int i = 0; i < DC / 32; ++i) {
         const i32x16 b = load_bytes16(x + 16 * i);
         v[2 * i] = __builtin_convertvector(b & 15, f32x16);
         v[2 * i + 1] = __builtin_convertvector(b >> 4, f32x16);
+      }
+    } else if constexpr (K == RowKind::kNF4) {  // as kU4, through the codebook
+      const uint8_t* x = packed + t * stride;
+      const f32x16 table = nf4_table16();
+      for (int i = 0; i < DC / 32; ++i) {
+        const i32x16 b = load_bytes16(x + 16 * i);
+        v[2 * i] = lookup16(table, b & 15);
+        v[2 * i + 1] = lookup16(table, b >> 4);
       }
     } else {  // kU2, byte j: channels 4j .. 4j + 3 from the low bits up
       const uint8_t* x = packed + t * stride;
@@ -108,7 +127,9 @@ struct RawTile {
       for (int t = 0; t < n; ++t) {
         switch (kind) {
           case RowKind::kInt8: store_row<RowKind::kInt8, DC>(t, out + t * DC); break;
+          case RowKind::kFp8: store_row<RowKind::kFp8, DC>(t, out + t * DC); break;
           case RowKind::kU4: store_row<RowKind::kU4, DC>(t, out + t * DC); break;
+          case RowKind::kNF4: store_row<RowKind::kNF4, DC>(t, out + t * DC); break;
           default: store_row<RowKind::kU2, DC>(t, out + t * DC); break;
         }
       }
@@ -196,6 +217,13 @@ class TileDecoder {
       case Format::kFP16:
       case Format::kFP8E4M3: {
         const bool fp8 = L_.format == Format::kFP8E4M3;
+        if (fp8) tile.tok_mul = token_scales(meta, o, n);
+        if (kPackedRows<DC> && fp8) {
+          tile.kind = RowKind::kFp8;
+          tile.packed = rows;
+          tile.stride = cb;
+          return tile;
+        }
         const float* tab = fp8 ? fp8_table() : fp16_table();
         for (int t = 0; t < n; ++t) {
           float* y = out + t * D;
@@ -206,7 +234,6 @@ class TileDecoder {
             for (int d = 0; d < D; ++d) y[d] = tab[x[d]];
           }
         }
-        if (fp8) tile.tok_mul = token_scales(meta, o, n);
         return tile;
       }
       case Format::kInt8:
@@ -225,8 +252,8 @@ class TileDecoder {
       case Format::kInt4:
       case Format::kInt2:
       case Format::kNF4:
-        const RowKind kind = code_bits(L_.format) == 4 ? RowKind::kU4 : RowKind::kU2;
-        if (kPackedRows<DC> && L_.format != Format::kNF4 && (L_.role == Role::kKey || L_.group % chunk_span(kind) == 0)) {
+        const RowKind kind = L_.format == Format::kNF4 ? RowKind::kNF4 : code_bits(L_.format) == 4 ? RowKind::kU4 : RowKind::kU2;
+        if (kPackedRows<DC> && (L_.role == Role::kKey || L_.group % chunk_span(kind) == 0)) {
           tile.kind = kind;
           tile.packed = rows;
           tile.stride = cb;

@@ -33,6 +33,27 @@ inline i32x16 load_int8x16(const int8_t* p) {
   return __builtin_convertvector(w, i32x16);
 }
 
+// fp8 e4m3fn codes (zero-extended bytes) to floats, as fp8e4m3_to_float: normals by exponent
+// rebias, subnormals as m * 2^-9, 0x7f / 0xff as NaN.
+inline f32x16 fp8e4m3_to_f32x16(const i32x16& b) {
+  const i32x16 e = (b >> 3) & 15, m = b & 7, sign = (b & 0x80) << 24;
+  const f32x16 sub = __builtin_convertvector(m, f32x16) * 0.001953125f;
+  i32x16 bits = e == 0 ? (reinterpret_cast<const i32x16&>(sub) | sign) : (sign | ((e + 120) << 23) | (m << 20));
+  bits = (b & 0x7f) == 0x7f ? (sign | 0x7fc00000) : bits;
+  return reinterpret_cast<const f32x16&>(bits);
+}
+
+// table[idx[l]] per lane, idx in [0, 16).
+inline f32x16 lookup16(const f32x16& table, const i32x16& idx) {
+#if defined(__clang__)
+  f32x16 r;
+  for (int l = 0; l < 16; ++l) r[l] = table[idx[l] & 15];
+  return r;
+#else
+  return __builtin_shuffle(table, idx);  // one vpermps on AVX-512
+#endif
+}
+
 // Lanes 0-7 of a and b interleaved (a0 b0 a1 b1 ...), and lanes 8-15.
 inline f32x16 interleave_lo(const f32x16& a, const f32x16& b) {
   return __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
