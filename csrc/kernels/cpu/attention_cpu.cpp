@@ -294,7 +294,7 @@ void with_row_kind(const RawTile& x, F&& f) {
 // vector path writes all kTile slots of each row).
 template <RowKind K, int DC>
 void tile_scores(const float* q, int64_t R, const RawTile& x, int n, int D_, float* sc, int64_t sc_stride) {
-  if constexpr (DC > 0 && DC % 16 == 0) {
+  if constexpr (kVectorRows<DC>) {
     constexpr int C = DC / 16, RB = kRowBlock<DC>;
     for (int64_t r0 = 0; r0 < R; r0 += RB) {
       const int rb = static_cast<int>(std::min<int64_t>(RB, R - r0));
@@ -329,7 +329,7 @@ template <RowKind K, int DC>
 void accumulate(float* acc, int64_t R, const float* w, int64_t w_stride, const RawTile& x, int n, int D_) {
   const int D = DC > 0 ? DC : D_;
   const int units = x.units, unit = x.unit;
-  if constexpr (DC > 0 && DC % 16 == 0) {
+  if constexpr (kVectorRows<DC>) {
     if (unit % 16 == 0) {
       constexpr int C = DC / 16, RB = kRowBlock<DC>;
       int cu[C];  // unit of each 16-channel chunk

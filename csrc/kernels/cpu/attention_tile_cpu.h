@@ -65,9 +65,13 @@ inline f32x16 nf4_table16() {
   return t;
 }
 
-// Packed kinds need a compile-time head dim that is a multiple of 64 (whole 16-byte loads).
+// The 16-lane vector paths: a compile-time head dim that is a multiple of 16, on targets with
+// 16-lane registers (lowered to AVX2 they ran 6-8x slower than the plain loops, measured). Packed
+// kinds also need whole 16-byte loads (multiples of 64).
 template <int DC>
-constexpr bool kPackedRows = DC > 0 && DC % 64 == 0;
+constexpr bool kVectorRows = kSimd16 && DC > 0 && DC % 16 == 0;
+template <int DC>
+constexpr bool kPackedRows = kVectorRows<DC> && DC % 64 == 0;
 
 struct RawTile {
   RowKind kind = RowKind::kFloat;
@@ -83,7 +87,7 @@ struct RawTile {
 
   // The DC / 16 lane chunks of row t as codes (not yet scaled), in registers.
   template <RowKind K, int DC>
-  void row_chunks(int t, f32x16 (&v)[DC / 16]) const {
+  __attribute__((always_inline)) void row_chunks(int t, f32x16 (&v)[DC / 16]) const {
     if constexpr (K == RowKind::kFloat) {
       for (int c = 0; c < DC / 16; ++c) v[c] = load16(codes + t * DC + 16 * c);
     } else if constexpr (K == RowKind::kInt8) {
