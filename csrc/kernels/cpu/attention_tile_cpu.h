@@ -66,7 +66,7 @@ inline f32x16 nf4_table16() {
 }
 
 // The 16-lane vector paths: a compile-time head dim that is a multiple of 16, on targets with
-// 16-lane registers (lowered to AVX2 they ran 6-8x slower than the plain loops, measured). Packed
+// 16-lane registers (lowered to AVX2 they ran about 3x slower than the plain loops, measured). Packed
 // kinds also need whole 16-byte loads (multiples of 64).
 template <int DC>
 constexpr bool kVectorRows = kSimd16 && DC > 0 && DC % 16 == 0;
