@@ -1,8 +1,8 @@
 // CPU fused paged attention (see attention_cpu.h). One work item is one (sequence, KV head, split):
 // its query rows (every query token of every query head of the KV head's group) are scored against
-// each key once, so a KV head is read once for its whole group. Keys are dequantized one row at a
-// time into a small fp32 buffer by format-specialized loops the compiler vectorizes; grouped-key
-// scales are unpacked once per key group.
+// each key once, so a KV head is read once for its whole group. Entries are read in tiles of 16
+// (attention_tile_cpu.h) whose dequantization is folded into the query, the scores and the
+// probabilities; on AVX-512 packed page rows are widened in registers (simd_cpu.h).
 #include "attention_cpu.h"
 #include "attention_tile_cpu.h"
 #include "simd_cpu.h"

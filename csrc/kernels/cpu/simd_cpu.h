@@ -1,7 +1,8 @@
 // 16-lane fp32 vectors for the CPU attention kernel, as GCC/Clang vector extensions: one AVX-512
-// register where the build targets it (-march=native), two AVX2 or four SSE registers otherwise.
-// Used where plain loops compiled badly: small accumulator arrays kept in memory (store-forwarding
-// chains) and horizontal sums reduced in order, one dependent scalar add per lane. Torch-free.
+// register each. Used where plain loops compiled badly: small accumulator arrays kept in memory
+// (store-forwarding chains), horizontal sums reduced in order (one dependent scalar add per lane),
+// byte widening done one byte at a time. The kernel takes these paths only where kSimd16 holds
+// (AVX-512); lowered to narrower registers they were slower than the plain loops. Torch-free.
 #pragma once
 
 #include <cstdint>
