@@ -53,7 +53,7 @@ def test_formats_gqa_lengths(device, fmt, gqa):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "nf4"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "int8", "int4", "int2", "nf4"])
 @pytest.mark.parametrize("head_dim", [8, 64, 128, 256])
 def test_head_dims_tail_and_splits(device, fmt, head_dim):
     pi = PagedInputs([300, 64, 0], [3, 0, 0], fmt, fmt, 2, head_dim, device=device)
@@ -62,6 +62,20 @@ def test_head_dims_tail_and_splits(device, fmt, head_dim):
     ref = reference(pi, q, kt, vt, scale=head_dim ** -0.5)
     for splits in (0, 1, 4):
         _close(pi.attend(q, kt, vt, scale=head_dim ** -0.5, num_splits=splits), ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["fp32", "fp8_e4m3", "int8", "int4", "int2", "nf4"])
+def test_long_context_across_softmax_chunks(device, fmt):
+    """Contexts over several of the CPU op's 512-entry softmax chunks, with a skip and a tail: the
+    running max grows between chunks (a later key scores far higher), so the accumulators rescale."""
+    pi = PagedInputs([1700, 530], [0, 0], fmt, fmt, 2, 128, device=device, seed=3)
+    q = torch.randn(2, 8, 2, 128, device=device)
+    kt, vt = torch.randn(2, 2, 2, 128, device=device), torch.randn(2, 2, 2, 128, device=device)
+    kt[:, :, -1] = 4 * q[:, ::4, 1]  # the newest key matches the last query token of a head of each group
+    ref = reference(pi, q, kt, vt, scale=128 ** -0.5)
+    for splits in (0, 1, 3):
+        _close(pi.attend(q, kt, vt, scale=128 ** -0.5, num_splits=splits), ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -394,7 +394,7 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
   // q: scaled query rows in channel order; qp: in the lane order of permuted row kinds; qf: folded
   // with a key group's per-channel parameters. accp: value accumulators in lane order.
   std::vector<float> q(R * D), qp(R * D), qf(R * D), qa(R), acc(R * D), accp(R * D), zacc(R * vunits);
-  std::vector<float> sc(R * kScStride), w(R * kTile * D), chm(D);
+  std::vector<float> sc(R * kScStride), w(R * kTile * vunits), chm(D);  // w: only value tiles with per-token scales
   std::vector<float> m(R), l(R), buf(D);
   std::vector<int64_t> lo(R), hi(R);
   TileSource<DC> keys(p, p.k, p.k_tail, p.kt_stride), values(p, p.v, p.v_tail, p.vt_stride);
