@@ -272,6 +272,9 @@ float dot(const float* a, const float* b, int D_) {
 // registers while one tile row (key or value) is loaded once for all of them.
 template <int DC>
 constexpr int kRowBlock = DC >= 256 ? 1 : 256 / DC;
+// Query rows scored per widened key row: the query is read from L1 (FMA memory operands), so the
+// key row is widened once for up to 8 rows (every decode GQA group) whatever the head dim.
+constexpr int kScoreRows = 8;
 
 // Calls f with the tile's row kind as a compile-time constant (kFloat only off the packed path).
 template <int DC, typename F>
@@ -295,12 +298,10 @@ void with_row_kind(const RawTile& x, F&& f) {
 template <RowKind K, int DC>
 void tile_scores(const float* q, int64_t R, const RawTile& x, int n, int D_, float* sc, int64_t sc_stride) {
   if constexpr (kVectorRows<DC>) {
-    constexpr int C = DC / 16, RB = kRowBlock<DC>;
+    constexpr int C = DC / 16, RB = kScoreRows;
     for (int64_t r0 = 0; r0 < R; r0 += RB) {
       const int rb = static_cast<int>(std::min<int64_t>(RB, R - r0));
-      f32x16 qv[RB][C], part[RB][kTile];
-      for (int i = 0; i < RB; ++i)
-        for (int c = 0; c < C; ++c) qv[i][c] = i < rb ? load16(q + (r0 + i) * DC + 16 * c) : f32x16{};
+      f32x16 part[RB][kTile];
       for (int t = 0; t < kTile; ++t) {
         if (t >= n) {
           for (int i = 0; i < RB; ++i) part[i][t] = f32x16{};
@@ -309,8 +310,9 @@ void tile_scores(const float* q, int64_t R, const RawTile& x, int n, int D_, flo
         f32x16 k[C];
         x.row_chunks<K, DC>(t, k);
         for (int i = 0; i < RB && i < rb; ++i) {
-          f32x16 a0 = qv[i][0] * k[0], a1{};
-          for (int c = 1; c < C; ++c) (c % 2 ? a1 : a0) += qv[i][c] * k[c];
+          const float* qi = q + (r0 + i) * DC;
+          f32x16 a0 = load16(qi) * k[0], a1{};
+          for (int c = 1; c < C; ++c) (c % 2 ? a1 : a0) += load16(qi + 16 * c) * k[c];
           part[i][t] = a0 + a1;
         }
       }
@@ -322,7 +324,7 @@ void tile_scores(const float* q, int64_t R, const RawTile& x, int n, int D_, flo
   }
 }
 
-// acc[r][d] += sum over t < n of w[r * w_stride + t * units + u] * x[t][d], u = d / unit, for the
+// acc[r][d] += sum over t < n of w[r * w_stride + u * kTile + t] * x[t][d], u = d / unit, for the
 // rows r < R. On the vector path each tile row is widened once for a block of rows whose
 // accumulators stay in registers across the tile.
 template <RowKind K, int DC>
@@ -343,12 +345,12 @@ void accumulate(float* acc, int64_t R, const float* w, int64_t w_stride, const R
           f32x16 v[C];
           x.row_chunks<K, DC>(t, v);
           for (int i = 0; i < RB && i < rb; ++i) {
-            const float* wt = w + (r0 + i) * w_stride + t * units;
+            const float* wt = w + (r0 + i) * w_stride + t;
             if (units == 1) {
               const f32x16 ws = splat16(wt[0]);
               for (int c = 0; c < C; ++c) a[i][c] += ws * v[c];
             } else {
-              for (int c = 0; c < C; ++c) a[i][c] += splat16(wt[cu[c]]) * v[c];
+              for (int c = 0; c < C; ++c) a[i][c] += splat16(wt[cu[c] * kTile]) * v[c];
             }
           }
         }
@@ -361,7 +363,7 @@ void accumulate(float* acc, int64_t R, const float* w, int64_t w_stride, const R
   for (int64_t r = 0; r < R; ++r) {
     for (int t = 0; t < n; ++t) {
       for (int u = 0; u < units; ++u) {
-        const float wt = w[r * w_stride + t * units + u];
+        const float wt = w[r * w_stride + u * kTile + t];
         const float* c = x.codes + t * D;
         float* ar = acc + r * D;
 #pragma omp simd
@@ -539,25 +541,22 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
           if (masked) values.zero_masked(vt, mask, e, nt);
         }
         const int units = vt.units;
-        const float* wv = pt;  // weights per (row, token, unit)
+        const float* wv = pt;  // weights per (row, unit, token)
         int64_t w_stride = kScStride;
         for (int64_t r = 0; r < R; ++r) {
           const float* pr = pt + r * kScStride;
-          if (vt.tok_mul && units == 1) {
-            float* wr = &w[r * kTile];
+          for (int u = 0; vt.tok_mul && u < units; ++u) {
+            float* wr = &w[(r * units + u) * kTile];
+            const float* mu = vt.tok_mul + u * kTile;
 #pragma omp simd
-            for (int t = 0; t < kTile; ++t) wr[t] = pr[t] * vt.tok_mul[t];  // slots t >= nt are unused
-          } else if (vt.tok_mul) {
-            for (int t = 0; t < nt; ++t)
-              for (int u = 0; u < units; ++u) w[(r * kTile + t) * units + u] = pr[t] * vt.tok_mul[t * units + u];
+            for (int t = 0; t < kTile; ++t) wr[t] = pr[t] * mu[t];  // slots t >= nt are unused
           }
-          if (vt.tok_add) {
-            for (int u = 0; u < units; ++u) {
-              float z = 0.0f;
+          for (int u = 0; vt.tok_add && u < units; ++u) {
+            const float* ad = vt.tok_add + u * kTile;
+            float z = 0.0f;
 #pragma omp simd reduction(+ : z)
-              for (int t = 0; t < nt; ++t) z += pr[t] * vt.tok_add[t * units + u];
-              zacc[r * vunits + u] += z;
-            }
+            for (int t = 0; t < nt; ++t) z += pr[t] * ad[t];
+            zacc[r * vunits + u] += z;
           }
         }
         if (vt.tok_mul) {

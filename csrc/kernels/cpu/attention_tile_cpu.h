@@ -1,7 +1,7 @@
 // Page rows for the CPU attention kernel, one tile of consecutive tokens at a time, in raw form:
 // the codes plus the affine map that dequantizes them,
 //
-//   x[t][d] = codes[t][d] * tok_mul[t][u] * ch_mul[d] + tok_add[t][u] + ch_add[d],   u = d / unit
+//   x[t][d] = codes[t][d] * tok_mul[u][t] * ch_mul[d] + tok_add[u][t] + ch_add[d],   u = d / unit
 //
 // where each factor is absent (1 or 0) when its pointer is null. The codes are either fp32 rows
 // (kFloat: fp32 pages in place, other formats unpacked; nf4 as codebook values) or, on the vector
@@ -78,8 +78,8 @@ struct RawTile {
   const float* codes = nullptr;    // kFloat: [kTile][D], the decoder's buffer or fp32 page rows in place
   const uint8_t* packed = nullptr;  // other kinds: page rows, `stride` bytes apart
   int64_t stride = 0;
-  const float* tok_mul = nullptr;  // [kTile][units]
-  const float* tok_add = nullptr;  // [kTile][units]
+  const float* tok_mul = nullptr;  // [units][kTile]: unit-major, so a unit's tokens are contiguous
+  const float* tok_add = nullptr;  // [units][kTile]
   int units = 1, unit = 0;         // unit: channels per token parameter (D / units)
   const float* ch_mul = nullptr;   // [D]
   const float* ch_add = nullptr;   // [D]
@@ -169,8 +169,8 @@ struct RawTile {
         for (int d = 0; d < D; ++d) x[d] += ch_add[d];
       }
       for (int u = 0; u < units; ++u) {
-        const float m = tok_mul ? tok_mul[t * units + u] : 1.0f;
-        const float a = tok_add ? tok_add[t * units + u] : 0.0f;
+        const float m = tok_mul ? tok_mul[u * kTile + t] : 1.0f;
+        const float a = tok_add ? tok_add[u * kTile + t] : 0.0f;
 #pragma omp simd
         for (int d = u * unit; d < (u + 1) * unit; ++d) x[d] = x[d] * m + a;
       }
@@ -318,15 +318,17 @@ class TileDecoder {
         uint16_t s2_h;
         memcpy(&s2_h, meta + 2 * (o + t), 2);
         const float s2 = fp16_to_float(s2_h);
-        for (int u = 0; u < units; ++u) mul[t * units + u] = nf4_unit_scale(acodes[(o + t) * units + u], s2);
+        for (int u = 0; u < units; ++u) mul[u * kTile + t] = nf4_unit_scale(acodes[(o + t) * units + u], s2);
       }
     } else {
       const ScaleZeroF16* sz = reinterpret_cast<const ScaleZeroF16*>(meta) + o * units;
       const float* tab = fp16_table();
       float* add = tok_add_.data();
-      for (int i = 0; i < n * units; ++i) {
-        mul[i] = tab[sz[i].scale];
-        add[i] = tab[sz[i].zero];
+      for (int t = 0; t < n; ++t) {
+        for (int u = 0; u < units; ++u) {
+          mul[u * kTile + t] = tab[sz[t * units + u].scale];
+          add[u * kTile + t] = tab[sz[t * units + u].zero];
+        }
       }
       tile.tok_add = add;
     }

@@ -7,6 +7,10 @@
 
 #include <cstdint>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace pagedkv {
 
 // Two-vector shuffle with constant lane indices (GCC before 12 has only __builtin_shuffle).
@@ -35,16 +39,24 @@ typedef int8_t i8x16_u __attribute__((vector_size(16), aligned(1), may_alias));
 inline f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16_u*>(p); }
 inline void store16(float* p, const f32x16& v) { *reinterpret_cast<f32x16_u*>(p) = v; }
 inline f32x16 splat16(float x) { return f32x16{} + x; }
-// 16 bytes, zero-extended to 32-bit lanes. In two steps: GCC 12 scalarizes a direct 8-to-32-bit
-// conversion (16 byte loads and inserts) but emits vpmovzxbw / vpmovzxwd for these.
+// 16 bytes, zero- / sign-extended to 32-bit lanes: one vpmovzxbd / vpmovsxbd on AVX-512 (GCC's
+// generic conversion took several shuffles, and a direct 8-to-32-bit __builtin_convertvector was
+// scalarized by GCC 12); two generic conversion steps elsewhere.
 inline i32x16 load_bytes16(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<i32x16>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
   const u16x16 w = __builtin_convertvector(*reinterpret_cast<const u8x16_u*>(p), u16x16);
   return __builtin_convertvector(w, i32x16);
+#endif
 }
-// 16 signed bytes, sign-extended to 32-bit lanes (two steps, as above).
 inline i32x16 load_int8x16(const int8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<i32x16>(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
   const i16x16 w = __builtin_convertvector(*reinterpret_cast<const i8x16_u*>(p), i16x16);
   return __builtin_convertvector(w, i32x16);
+#endif
 }
 
 // fp8 e4m3fn codes (zero-extended bytes) to floats, as fp8e4m3_to_float: the 7 magnitude bits
