@@ -298,10 +298,17 @@ void with_row_kind(const RawTile& x, F&& f) {
 template <RowKind K, int DC>
 void tile_scores(const float* q, int64_t R, const RawTile& x, int n, int D_, float* sc, int64_t sc_stride) {
   if constexpr (kVectorRows<DC>) {
-    constexpr int C = DC / 16, RB = kScoreRows;
+    // fp32 rows cost nothing to reload, so their query rows stay in registers (a block of them);
+    // packed rows are widened once for up to kScoreRows query rows read from L1.
+    constexpr bool kRegQ = K == RowKind::kFloat;
+    constexpr int C = DC / 16, RB = kRegQ ? kRowBlock<DC> : kScoreRows;
     for (int64_t r0 = 0; r0 < R; r0 += RB) {
       const int rb = static_cast<int>(std::min<int64_t>(RB, R - r0));
-      f32x16 part[RB][kTile];
+      f32x16 qv[kRegQ ? RB : 1][C], part[RB][kTile];
+      if constexpr (kRegQ) {
+        for (int i = 0; i < RB; ++i)
+          for (int c = 0; c < C; ++c) qv[i][c] = i < rb ? load16(q + (r0 + i) * DC + 16 * c) : f32x16{};
+      }
       for (int t = 0; t < kTile; ++t) {
         if (t >= n) {
           for (int i = 0; i < RB; ++i) part[i][t] = f32x16{};
@@ -310,9 +317,15 @@ void tile_scores(const float* q, int64_t R, const RawTile& x, int n, int D_, flo
         f32x16 k[C];
         x.row_chunks<K, DC>(t, k);
         for (int i = 0; i < RB && i < rb; ++i) {
-          const float* qi = q + (r0 + i) * DC;
-          f32x16 a0 = load16(qi) * k[0], a1{};
-          for (int c = 1; c < C; ++c) (c % 2 ? a1 : a0) += load16(qi + 16 * c) * k[c];
+          f32x16 a0, a1{};
+          if constexpr (kRegQ) {
+            a0 = qv[i][0] * k[0];
+            for (int c = 1; c < C; ++c) (c % 2 ? a1 : a0) += qv[i][c] * k[c];
+          } else {
+            const float* qi = q + (r0 + i) * DC;
+            a0 = load16(qi) * k[0];
+            for (int c = 1; c < C; ++c) (c % 2 ? a1 : a0) += load16(qi + 16 * c) * k[c];
+          }
           part[i][t] = a0 + a1;
         }
       }
