@@ -282,6 +282,8 @@ void with_row_kind(const RawTile& x, F&& f) {
   using K = RowKind;
   if constexpr (kPackedRows<DC>) {
     switch (x.kind) {
+      case K::kBF16: return f(std::integral_constant<K, K::kBF16>{});
+      case K::kF16: return f(std::integral_constant<K, K::kF16>{});
       case K::kInt8: return f(std::integral_constant<K, K::kInt8>{});
       case K::kFp8: return f(std::integral_constant<K, K::kFp8>{});
       case K::kU4: return f(std::integral_constant<K, K::kU4>{});

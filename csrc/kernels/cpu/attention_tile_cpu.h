@@ -41,7 +41,7 @@ inline const float* fp16_table() {
   return t.data();
 }
 
-enum class RowKind { kFloat, kInt8, kFp8, kU4, kNF4, kU2 };
+enum class RowKind { kFloat, kBF16, kF16, kInt8, kFp8, kU4, kNF4, kU2 };
 
 // Channel of lane l of chunk c of a row widened by row_chunks. int4 and int2 rows come out in lane
 // order (low nibbles of 16 bytes, then high nibbles), not channel order, which saves the interleaving
@@ -93,6 +93,9 @@ struct RawTile {
     } else if constexpr (K == RowKind::kInt8) {
       const int8_t* x = reinterpret_cast<const int8_t*>(packed + t * stride);
       for (int c = 0; c < DC / 16; ++c) v[c] = __builtin_convertvector(load_int8x16(x + 16 * c), f32x16);
+    } else if constexpr (K == RowKind::kBF16 || K == RowKind::kF16) {
+      const uint16_t* x = reinterpret_cast<const uint16_t*>(packed + t * stride);
+      for (int c = 0; c < DC / 16; ++c) v[c] = K == RowKind::kBF16 ? bf16x16_to_f32x16(x + 16 * c) : f16x16_to_f32x16(x + 16 * c);
     } else if constexpr (K == RowKind::kFp8) {
       const uint8_t* x = packed + t * stride;
       for (int c = 0; c < DC / 16; ++c) v[c] = fp8e4m3_to_f32x16(load_bytes16(x + 16 * c));
@@ -130,6 +133,8 @@ struct RawTile {
       if (kind == RowKind::kFloat) return;
       for (int t = 0; t < n; ++t) {
         switch (kind) {
+          case RowKind::kBF16: store_row<RowKind::kBF16, DC>(t, out + t * DC); break;
+          case RowKind::kF16: store_row<RowKind::kF16, DC>(t, out + t * DC); break;
           case RowKind::kInt8: store_row<RowKind::kInt8, DC>(t, out + t * DC); break;
           case RowKind::kFp8: store_row<RowKind::kFp8, DC>(t, out + t * DC); break;
           case RowKind::kU4: store_row<RowKind::kU4, DC>(t, out + t * DC); break;
@@ -211,6 +216,12 @@ class TileDecoder {
         tile.codes = reinterpret_cast<const float*>(rows);
         return tile;
       case Format::kBF16:
+        if constexpr (kPackedRows<DC>) {
+          tile.kind = RowKind::kBF16;
+          tile.packed = rows;
+          tile.stride = cb;
+          return tile;
+        }
         for (int t = 0; t < n; ++t) {
           const uint16_t* x = reinterpret_cast<const uint16_t*>(rows + t * cb);
           float* y = out + t * D;
@@ -222,8 +233,8 @@ class TileDecoder {
       case Format::kFP8E4M3: {
         const bool fp8 = L_.format == Format::kFP8E4M3;
         if (fp8) tile.tok_mul = token_scales(meta, o, n);
-        if (kPackedRows<DC> && fp8) {
-          tile.kind = RowKind::kFp8;
+        if (kPackedRows<DC>) {
+          tile.kind = fp8 ? RowKind::kFp8 : RowKind::kF16;
           tile.packed = rows;
           tile.stride = cb;
           return tile;

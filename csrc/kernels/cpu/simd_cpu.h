@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "pagedkv/quant_ref.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -56,6 +58,28 @@ inline i32x16 load_int8x16(const int8_t* p) {
 #else
   const i16x16 w = __builtin_convertvector(*reinterpret_cast<const i8x16_u*>(p), i16x16);
   return __builtin_convertvector(w, i32x16);
+#endif
+}
+
+// 16 bf16 / fp16 values to floats: bf16 by a 16-bit shift, fp16 by vcvtph2ps (AVX-512); generic
+// element loops elsewhere.
+inline f32x16 bf16x16_to_f32x16(const uint16_t* p) {
+#if defined(__AVX512F__)
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return reinterpret_cast<f32x16>(_mm512_slli_epi32(w, 16));
+#else
+  i32x16 w;
+  for (int l = 0; l < 16; ++l) w[l] = static_cast<int32_t>(static_cast<uint32_t>(p[l]) << 16);
+  return reinterpret_cast<f32x16>(w);
+#endif
+}
+inline f32x16 f16x16_to_f32x16(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<f32x16>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#else
+  f32x16 v;
+  for (int l = 0; l < 16; ++l) v[l] = fp16_to_float(p[l]);
+  return v;
 #endif
 }
 
