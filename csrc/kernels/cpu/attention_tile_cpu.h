@@ -4,9 +4,9 @@
 //   x[t][d] = codes[t][d] * tok_mul[u][t] * ch_mul[d] + tok_add[u][t] + ch_add[d],   u = d / unit
 //
 // where each factor is absent (1 or 0) when its pointer is null. The codes are either fp32 rows
-// (kFloat: fp32 pages in place, other formats unpacked; nf4 as codebook values) or, on the vector
-// path, the packed int8 / int4 / int2 page rows themselves, which the kernel widens in registers
-// (row_chunks) without storing them. The kernel folds the factors into the query (ch_*), the scores
+// (kFloat: fp32 pages in place, other formats unpacked off the vector path, tails) or, on the vector
+// path, the page rows themselves (bf16 / fp16 / int8 / fp8 / int4 / nf4 / int2), which the kernel
+// widens in registers (row_chunks) without storing them; nf4 codes widen to codebook values. The kernel folds the factors into the query (ch_*), the scores
 // (tok_mul of keys) and the probabilities (tok_* of values) instead of multiplying every element;
 // `dequantize` applies them where the values themselves are needed (rounded to a half-precision
 // model dtype). Torch-free.
@@ -43,7 +43,7 @@ inline const float* fp16_table() {
 
 enum class RowKind { kFloat, kBF16, kF16, kInt8, kFp8, kU4, kNF4, kU2 };
 
-// Channel of lane l of chunk c of a row widened by row_chunks. int4 and int2 rows come out in lane
+// Channel of lane l of chunk c of a row widened by row_chunks. int4 / nf4 and int2 rows come out in lane
 // order (low nibbles of 16 bytes, then high nibbles), not channel order, which saves the interleaving
 // shuffles: the kernel permutes the query to match and accumulates values in this order.
 template <RowKind K>
