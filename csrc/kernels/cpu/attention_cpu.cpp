@@ -414,6 +414,11 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
   std::vector<float> sc(R * kScStride), w(R * kTile * vunits), chm(D);  // w: only value tiles with per-token scales
   std::vector<float> m(R), l(R), buf(D);
   std::vector<int64_t> lo(R), hi(R);
+  struct ChunkTile {
+    int len;
+    bool masked;
+  };
+  std::vector<ChunkTile> tiles;
   TileSource<DC> keys(p, p.k, p.k_tail, p.kt_stride), values(p, p.v, p.v_tail, p.vt_stride);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t split = item % p.num_splits;
@@ -447,9 +452,11 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
     BlockPrefetcher prefetch(p, s, h, e0);
     for (int64_t c0 = e0; c0 < e1;) {
       const int64_t c1 = std::min(e1, (c0 / kChunk + 1) * kChunk);
+      tiles.clear();  // pass 1's tiles (length, any entry masked out), walked again by pass 2
       // Pass 1: the chunk's scores, tile by tile.
       for (int64_t e = c0; e < c1;) {
         const int nt = static_cast<int>(tile_len(p, s, e, c1));
+        tiles.push_back({nt, false});
         prefetch.advance(e);
         float* st = &sc[e - c0];  // row r at st[r * kScStride]
         const RawTile kt = keys.load(s, h, e, nt);
@@ -505,9 +512,11 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
               if (e + t < lo[r] || e + t > hi[r]) st[r * kScStride + t] = kNegInf;
         }
         if (mask) {
-          for (int t = 0; t < nt; ++t)
-            if (!mask[e + t])
-              for (int64_t r = 0; r < R; ++r) st[r * kScStride + t] = kNegInf;
+          for (int t = 0; t < nt; ++t) {
+            if (mask[e + t]) continue;
+            tiles.back().masked = true;
+            for (int64_t r = 0; r < R; ++r) st[r * kScStride + t] = kNegInf;
+          }
         }
         e += nt;
       }
@@ -546,15 +555,13 @@ void attention_items(const AttentionParams& p, int64_t begin, int64_t end) {
         l[r] += sum;
       }
       // Pass 2: the chunk's values, weighted by the probabilities.
-      for (int64_t e = c0; e < c1;) {
-        const int nt = static_cast<int>(tile_len(p, s, e, c1));
+      int64_t e = c0;
+      for (const ChunkTile& tile : tiles) {
+        const int nt = tile.len;
         const float* pt = &sc[e - c0];  // row r at pt[r * kScStride]
         RawTile vt = values.load(s, h, e, nt);
-        if (mask) {  // masked-out entries may hold anything: keep them out of the product entirely
-          bool masked = false;
-          for (int t = 0; t < nt; ++t) masked |= !mask[e + t];
-          if (masked) values.zero_masked(vt, mask, e, nt);
-        }
+        // Masked-out entries may hold anything: keep them out of the product entirely.
+        if (tile.masked) values.zero_masked(vt, mask, e, nt);
         const int units = vt.units;
         const float* wv = pt;  // weights per (row, unit, token)
         int64_t w_stride = kScStride;

@@ -210,7 +210,6 @@ class TileDecoder {
     RawTile tile;
     tile.codes = out;
     tile.unit = D;
-    tile.ch_version = version_;
     switch (L_.format) {
       case Format::kFP32:  // rows are read in place (code_bytes_per_token = 4 * D)
         tile.codes = reinterpret_cast<const float*>(rows);
