@@ -3,6 +3,8 @@
 # benchmark, Nsight Compute on the decode kernel per format (FMTS, default int4 int8), and the spill
 # instructions of its SASS (scripts/sass_spills.py). VARIANTS="name:NVCC_FLAGS ..." rebuilds with
 # extra CUDA flags (for example "b3:-DPAGEDKV_DECODE_BLOCKS=3") and repeats the benchmark and ncu.
+# NO_TESTS=1 skips the tests (a call that only measures). SOURCE=1 also exports the per-instruction counters of the decode kernel (executed instructions and
+# stall samples per SASS instruction, ncu's source page as CSV: $L/source_<fmt>_<variant>.csv).
 # Usage (device tool): bash scripts/kernel_iter.sh. Logs: $OUT/logs.tgz and the summary on stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,13 @@ measure() {  # $1: variant name
     "$NCU" --kernel-name regex:attention_decode --launch-skip 2 --launch-count 1 --section SpeedOfLight \
       --section WarpStateStats --section InstructionStats --section LaunchStats --section Occupancy \
       --section SourceCounters python scripts/profile_attention.py --fmt "$f" --calls 2 --no-table > "$L/ncu_${f}_$1.log" 2>&1
+    if [[ -n ${SOURCE:-} ]]; then
+      "$NCU" --kernel-name regex:attention_decode --launch-skip 2 --launch-count 1 --section SourceCounters \
+        --section WarpStateStats -f -o "$L/rep_${f}_$1" python scripts/profile_attention.py --fmt "$f" --calls 2 --no-table \
+        > "$L/ncu_src_${f}_$1.log" 2>&1
+      "$NCU" -i "$L/rep_${f}_$1.ncu-rep" --page source --csv --print-source sass > "$L/source_${f}_$1.csv" 2>&1
+      rm -f "$L/rep_${f}_$1.ncu-rep"
+    fi
     echo "== $1 $f: $(grep -E "Elapsed Cycles|DRAM Throughput|Executed Instructions  |Warp Cycles Per Issued|Registers Per|Dynamic Shared Memory Per" "$L/ncu_${f}_$1.log" | awk '{print $1" "$2" "$NF}' | tr '\n' ';')"
   done
 }
@@ -28,7 +37,7 @@ build() {  # $1: extra CUDA flags (scripts/gpu.sh build; its log goes to $OUT/bu
   CUDA_FLAGS="$1" bash scripts/gpu.sh build
 }
 build "" || exit 1
-timeout ${TEST_TIMEOUT:-240} python -m pytest tests/python/test_attention_op.py tests/python/test_cuda.py -q -x \
+[[ -n ${NO_TESTS:-} ]] || timeout ${TEST_TIMEOUT:-240} python -m pytest tests/python/test_attention_op.py tests/python/test_cuda.py -q -x \
   -k "not bad_input" -p no:cacheprovider 2>&1 | tee "$L/pytest.log" | tail -3
 measure base
 SO=$(python -c "import torch, pagedkv._C as c; print(c.__file__)")

@@ -1,5 +1,6 @@
 """Decode attention time against the number of context splits (the planner's choice and forced
-counts), to tune the CUDA split planner. GPU only.
+counts), to tune the CUDA split planner. GPU only. Times are device time per call with calls issued
+back to back (``stream_time_us``).
 
     python scripts/split_sweep.py --fmt int8 int4 --batch 1 8 --context 32768 --splits 0 8 16 32 64 128
 """
@@ -12,7 +13,7 @@ import torch
 
 from pagedkv import ops
 from pagedkv.bench.attention import SHAPES, Pages
-from pagedkv.bench.timing import median_time_us
+from pagedkv.bench.timing import stream_time_us
 from pagedkv.config import FORMATS, GROUPED
 
 
@@ -43,7 +44,7 @@ def main() -> None:
                                                    k_group=p.kg, v_group=p.vg, block_size=p.bs,
                                                    blocks_per_chunk=p.bpc, num_kv_heads=p.h, scale=d ** -0.5,
                                                    num_splits=s)
-                    row.append(f"{median_time_us(call, dev, reps=a.reps):.1f}")
+                    row.append(f"{stream_time_us(call, dev, reps=a.reps):.1f}")
                 print(f"| {fmt} | {b} | {n} | " + " | ".join(row) + " |", flush=True)
                 del p
             del k
