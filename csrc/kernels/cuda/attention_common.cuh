@@ -14,7 +14,11 @@
 namespace pagedkv {
 namespace attn {
 
+#ifdef PAGEDKV_MAX_SPLIT_BLOCKS  // experiments
+constexpr int kMaxSplitBlocks = PAGEDKV_MAX_SPLIT_BLOCKS;
+#else
 constexpr int kMaxSplitBlocks = 2048 / 16 + 2;  // block-table columns of the longest split
+#endif
 
 struct DevView {
   const uint8_t* chunk[kMaxAttentionChunks];

@@ -128,6 +128,9 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   constexpr int VCH = LV / 8;  // 8-channel value pieces per lane and token (>= 1: D >= 64)
   constexpr int BITS = bits_of<F, FD>();
   constexpr bool kTS = FD == Feed::kTokenScale, kFold = FD == Feed::kFold;
+  // int8 fast steps: S^T on the integer mma (keys as stored, the query as two int8 terms), values as
+  // 1152 + code (the bias's share removed at the end: cz).
+  constexpr bool kI8 = kTS && F == Format::kInt8;
   // kFold: odd unpacked pairs read magic + HI x code (unpack_lohi): keys in T, values in fp16.
   constexpr int HIK = kFold ? kHi<BITS, T> : 1, HIV = kFold ? kHi<BITS, __half> : 1;
   constexpr int PW = kFold ? 32 / BITS : 4;  // codes per unpacked key unit
@@ -152,6 +155,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   float* sml = reinterpret_cast<float*>(sq + KS * 32);       // [kWarps][kRows][2] warp (max, sum)
   float* sqf = sml + kWarps * kRows * 2;                     // [kRows][QS] fp32 query rows (kFold)
   __shared__ int row_lo[kRows], row_hi[kRows];
+  __shared__ float q_amax[kRows];  // kI8: max |q| of each row
   __shared__ const uint8_t* k_heads[kMaxSplitBlocks];
   __shared__ const uint8_t* v_heads[kMaxSplitBlocks];
 
@@ -186,31 +190,70 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       sqf[r * QS + d] = r < p.rows ? query_at(p, s, h, r, D, d) : 0.0f;
     }
   }
+  float* const qrow = so;  // kI8: the fp32 query rows [kRows][D], in the stages before the first copy
+  if constexpr (kI8) {
+    for (int idx = tid; idx < kRows * D; idx += kThreads) {
+      const int r = idx / D, d = idx % D;
+      qrow[idx] = r < p.rows ? query_at(p, s, h, r, D, d) : 0.0f;
+    }
+  }
   __syncthreads();
+  if constexpr (kI8) {
+    for (int r = warp; r < kRows; r += kWarps) {
+      float a = 0.0f;
+#pragma unroll
+      for (int d = lane; d < D; d += 32) a = fmaxf(a, fabsf(qrow[r * D + d]));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+      if (lane == 0) q_amax[r] = a;
+    }
+    __syncthreads();
+  }
   // The lane's query fragments (row g): unfolded for 16- and 8-bit codes, q' = q * key scale for kFold
   // (filled at the first fast step of each key group).
+  // kI8: qa[kk] (kk < KS / 2) holds the B fragments of the int8 mma's k-step kk (channels 32 kk ..
+  // 32 kk + 31 in order, as ldsm_x4 loads the keys) for q_hi = rint(q / s), s = max |q| / 127, and
+  // qa[KS / 2 + kk] those of q_lo = rint((q - s q_hi) / (s / 254)), so that q = s (q_hi + q_lo / 254)
+  // to 1 / 64516 of max |q|. ksc: s / 254 of rows 2c, 2c + 1, the integer score's factor (the score is
+  // s (hi + lo / 254)).
   uint32_t qa[KS][2];
+  float ksc[2] = {0.0f, 0.0f};
+  if constexpr (kI8) {
+    const float amax = q_amax[g], sh = amax > 0.0f ? amax / 127.0f : 1.0f, inv_h = 1.0f / sh, inv_l = 254.0f / sh;
 #pragma unroll
-  for (int kk = 0; kk < KS; ++kk) {
-    const uint2 u = sq[kk * 32 + lane];
-    qa[kk][0] = u.x;
-    qa[kk][1] = u.y;
-  }
-  // Per-row score offsets of the lane's rows 2c and 2c + 1: int8 fast steps see keys as 1152 + code
-  // (-1152 sum(q)); kFold the folded zero minus the magic offset's share (set with q').
-  float kb[2] = {0.0f, 0.0f};
-  if constexpr (kTS && F == Format::kInt8) {
-    float t = 0.0f;
+    for (int kk = 0; kk < KS / 2; ++kk) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        uint32_t hi = 0u, lo = 0u;
+        const float4 x4 = *reinterpret_cast<const float4*>(qrow + g * D + 32 * kk + 16 * half + 4 * c);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float x = j == 0 ? x4.x : j == 1 ? x4.y : j == 2 ? x4.z : x4.w;
+          const float qh = fminf(fmaxf(rintf(x * inv_h), -127.0f), 127.0f);
+          const float ql = fminf(fmaxf(rintf((x - qh * sh) * inv_l), -127.0f), 127.0f);
+          hi |= (static_cast<uint32_t>(static_cast<int>(qh)) & 0xffu) << (8 * j);
+          lo |= (static_cast<uint32_t>(static_cast<int>(ql)) & 0xffu) << (8 * j);
+        }
+        qa[kk][half] = hi;
+        qa[KS / 2 + kk][half] = lo;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float a = q_amax[2 * c + r];
+      ksc[r] = (a > 0.0f ? a / 127.0f : 1.0f) / 254.0f;
+    }
+  } else {
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
-      const float2 a = __half22float2(as_h2(qa[kk][0])), b = __half22float2(as_h2(qa[kk][1]));
-      t += (a.x + a.y) + (b.x + b.y);
+      const uint2 u = sq[kk * 32 + lane];
+      qa[kk][0] = u.x;
+      qa[kk][1] = u.y;
     }
-    t += __shfl_xor_sync(0xffffffffu, t, 1);
-    t += __shfl_xor_sync(0xffffffffu, t, 2);
-    kb[0] = -1152.0f * __shfl_sync(0xffffffffu, t, 8 * c);
-    kb[1] = -1152.0f * __shfl_sync(0xffffffffu, t, 8 * c + 4);
   }
+  // kFold: per-row score offsets of the lane's rows 2c and 2c + 1, the folded zero minus the magic
+  // offset's share (set with q').
+  float kb[2] = {0.0f, 0.0f};
   int lo_all = INT_MAX, hi_all = -1, lo_max = -1, hi_min = INT_MAX;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -250,7 +293,8 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #pragma unroll
   for (int t = 0; t < KS; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
   // kFold: value chunk g % NC's corrections of rows 2c, 2c + 1 (columns): magic's share in row g
-  // (cz[0], cz[1]), zeros' in row g + 8 (cz[2], cz[3]).
+  // (cz[0], cz[1]), zeros' in row g + 8 (cz[2], cz[3]). kI8: the fast steps' sums of P^T (columns 2c,
+  // 2c + 1; rows g and g + 8 alike), times 1152 the values' bias.
   float cz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
   // A fast step's keys and values in registers (kw, vw, vm, ks, vs), read from its stage.
@@ -279,6 +323,8 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   // Reads: keys of token g at quarter c, values of token 2c (kFold: channels 8 g of each chunk; int2
   // inside an aligned word), value (scale, zero) words of token 2c, token scales of token g.
   const int rd_key = g * SG::RS + c * (KW * 4);
+  // kI8: the row of ldsm_x4's matrix lane / 8 (token lane % 8 + 8 (lane / 8 % 2), bytes 16 (lane / 16) on).
+  const int rd_key8 = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SG::RS + 16 * (lane >> 4);
   const int rd_val = 2 * c * SG::RS + (kFold ? (BITS == 4 ? 4 * g : 4 * (g >> 1)) : g * (VW * 4));
   // Starts the copy of step st (when it is a fast step) into stage `slot`: cp.async, 16 bytes at a time
   // (kFold's value (scale, zero) words 4 at a time, one per 64 channels whatever the value group).
@@ -330,9 +376,15 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     const uint8_t* const sb = wstage + slot * SG::kBytes;
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
+      if constexpr (kI8) {  // A fragment kk of the integer mma (channels 32 kk .. 32 kk + 31) in words 4 kk ..
 #pragma unroll
-      for (int i = 0; i < (KW + 3) / 4; ++i)  // 16-byte units (int2 at head_dim 64: 4 bytes)
-        load_words<KW < 4 ? KW : 4>(sb + SG::kK + rd_key + 8 * t * SG::RS + 16 * i, kw[t] + 4 * i);
+        for (int kk = t * KS / 4; kk < (t + 1) * KS / 4; ++kk)
+          ldsm_x4(sb + SG::kK + rd_key8 + 32 * kk, &kw[(4 * kk) / KW][(4 * kk) % KW]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < (KW + 3) / 4; ++i)  // 16-byte units (int2 at head_dim 64: 4 bytes)
+          load_words<KW < 4 ? KW : 4>(sb + SG::kK + rd_key + 8 * t * SG::RS + 16 * i, kw[t] + 4 * i);
+      }
       if constexpr (kTS) ks[t] = *reinterpret_cast<const float*>(sb + SG::kM + 4 * (8 * t + g));
     }
   };
@@ -381,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
         vr[P][2 * q] = __byte_perm(wa, wb, 0x5410);
         vr[P][2 * q + 1] = __byte_perm(wa, wb, 0x7632);
       } else if constexpr (kTS) {
-        value_words<F>(wa, wb, &vr[P][4 * q]);
+        value_words<F, kI8>(wa, wb, &vr[P][4 * q]);
       } else if constexpr (BITS == 4) {  // raw codes: vr[P][8 q + i] = channel 64 q + 8 g + i, 1024 + code (odd i: HIV x code)
         unpack_lohi<4, __half>(__byte_perm(wa, wb, 0x5410), &vr[P][8 * q]);
         unpack_lohi<4, __half>(__byte_perm(wa, wb, 0x7632), &vr[P][8 * q + 4]);
@@ -464,6 +516,16 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk)
           mma<TK>(sc, make_uint4(kw[0][2 * kk], kw[1][2 * kk], kw[0][2 * kk + 1], kw[1][2 * kk + 1]), qa[kk][0], qa[kk][1]);
+      } else if constexpr (kI8) {
+        int ah[4] = {0, 0, 0, 0}, al[4] = {0, 0, 0, 0};  // sum(code q_hi), sum(code q_lo): two independent chains
+#pragma unroll
+        for (int kk = 0; kk < KS / 2; ++kk) {
+          const uint32_t* a = &kw[(4 * kk) / KW][(4 * kk) % KW];
+          mma_s8(ah, make_uint4(a[0], a[1], a[2], a[3]), qa[kk][0], qa[kk][1]);
+          mma_s8(al, make_uint4(a[0], a[1], a[2], a[3]), qa[KS / 2 + kk][0], qa[KS / 2 + kk][1]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sc[i] = static_cast<float>(ah[i] * 254 + al[i]) * ksc[i & 1];  // |.| < 2^31 to head_dim 256
       } else if constexpr (kTS) {
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
@@ -484,7 +546,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
                     qa[KPW * jw + u][1]);
         }
       }
-      if constexpr ((kTS && F == Format::kInt8) || kFold) {  // fp8 has no score offset
+      if constexpr (kFold) {
         sc[0] += kb[0];
         sc[1] += kb[1];
         sc[2] += kb[0];
@@ -530,12 +592,15 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     for (int i = 0; i < 4; ++i) {
       float v = sc[i] * qk_scale * ks[i >> 1];
       if (softcap) v = p.softcap * tanhf(v / p.softcap) * kLog2e;
-      if (!clean) {
+      sc[i] = v;
+    }
+    if (__builtin_expect(!clean, 0)) {  // a branch: predicated, the masking cost every clean step ~30 issue slots
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
         const int e = st + 8 * (i >> 1) + g;
         const bool ok = tok_ok[i >> 1] && e >= lo_r[i & 1] && e <= hi_r[i & 1] && keep[i >> 1];
-        if (!ok) v = -INFINITY;
+        if (!ok) sc[i] = -INFINITY;
       }
-      sc[i] = v;
     }
     float alpha[2];
 #pragma unroll
@@ -561,7 +626,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
         o[t][2] *= alpha[0];
         o[t][3] *= alpha[1];
       }
-      if constexpr (kFold) {
+      if constexpr (kFold || kI8) {
         cz[0] *= alpha[0];
         cz[1] *= alpha[1];
         cz[2] *= alpha[0];
@@ -628,6 +693,9 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #pragma unroll
       for (int t = 0; t < KS; ++t) pv_tile(t, vr, bq, b0, b1);
     }
+    if constexpr (kI8) {
+      if (fast) mma<__half>(cz, make_uint4(0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u), b0, b1);  // ones
+    }
     if constexpr (kFold) {
       if (fast) {
         mma<__half>(cz, make_uint4(0u, za, 0u, zb), b0, b1);
@@ -669,11 +737,12 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       ow[(2 * c + 1) * D + ch + 2] = (o[t][3] + cm[j][1]) * inv + cs[j][1];
     }
   } else {
+    const float z0 = kI8 ? 1152.0f * cz[0] : 0.0f, z1 = kI8 ? 1152.0f * cz[1] : 0.0f;  // int8 values' bias
 #pragma unroll
     for (int t = 0; t < KS; ++t) {
       const int ch = g * LV + 2 * t;
-      *reinterpret_cast<float2*>(ow + (2 * c) * D + ch) = make_float2(o[t][0], o[t][2]);
-      *reinterpret_cast<float2*>(ow + (2 * c + 1) * D + ch) = make_float2(o[t][1], o[t][3]);
+      *reinterpret_cast<float2*>(ow + (2 * c) * D + ch) = make_float2(o[t][0] - z0, o[t][2] - z0);
+      *reinterpret_cast<float2*>(ow + (2 * c + 1) * D + ch) = make_float2(o[t][1] - z1, o[t][3] - z1);
     }
   }
   if (g == 0) {

@@ -40,6 +40,27 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint4& a, uint32_t b0, 
   }
 }
 
+// D += A B on int8 codes, exact in int32: m16n8k32, A = 16 rows x 32 k of signed bytes (four per
+// register, k-contiguous: a0 row g, k 4c..4c+3; a1 row g + 8; a2 / a3 the same rows at k + 16), B = 32 k x
+// 8 columns (b0 column g, k 4c..4c+3; b1 k + 16), D in the f32 mma's C layout.
+__device__ __forceinline__ void mma_s8(int (&d)[4], const uint4& a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory, one 16-byte row address per lane (lanes
+// 8 j .. 8 j + 7: matrix j's rows); lane l receives bytes 4 (l % 4) .. 4 (l % 4) + 3 of row l / 4 of each
+// matrix, in r[j]. For 8-bit codes this is the integer mma's A fragment: matrices (rows 0-7, bytes
+// 0-15), (8-15, 0-15), (0-7, 16-31), (8-15, 16-31) give a0..a3 without register moves.
+__device__ __forceinline__ void ldsm_x4(const void* row, uint32_t* r) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 // How a format reaches the mma. kPass: 16-bit pages in the model dtype, fed as stored. kTokenScale:
 // int8 / fp8 with one scale per token, fed as unscaled codes (exact in bf16 / fp16); the key scale
 // multiplies the score, the value scale the probability; both mmas run in fp16 (every int8 code and
@@ -156,12 +177,13 @@ __device__ __forceinline__ void key_word(uint32_t w, uint32_t& b0, uint32_t& b1)
 }
 
 // kTokenScale's fast step: channels 4 j .. 4 j + 3 of tokens a and b (words wa, wb) as four fp16 pairs
-// (a, b), one per channel, exact codes.
-template <Format F>
+// (a, b), one per channel, exact codes (BIASED: int8 stays 1152 + code, and the caller removes 1152
+// times the sum of the probabilities it multiplies them by).
+template <Format F, bool BIASED = false>
 __device__ __forceinline__ void value_words(uint32_t wa, uint32_t wb, uint32_t* r) {
   key_word<F>(__byte_perm(wa, wb, 0x5140), r[0], r[1]);  // a0 b0 a1 b1
   key_word<F>(__byte_perm(wa, wb, 0x7362), r[2], r[3]);  // a2 b2 a3 b3
-  if constexpr (F == Format::kInt8) {  // values take the exact codes: drop the 1152 bias here
+  if constexpr (F == Format::kInt8 && !BIASED) {  // values take the exact codes: drop the 1152 bias here
     const __half2 off = __half2(__half(1152.0f), __half(1152.0f));
 #pragma unroll
     for (int i = 0; i < 4; ++i) r[i] = h2_bits(__hsub2(as_h2(r[i]), off));
