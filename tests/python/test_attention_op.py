@@ -146,6 +146,26 @@ def test_half_precision_models(device, dtype, fmt, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "int8", "int4", "int2"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_query_row_stays_in_its_row(device, fmt, bad):
+    """A NaN / Inf in one query row leaves every other row exactly as it was, and that row gives no
+    plausible-looking numbers: NaN, or zeros where every score is NaN and the row counts as fully
+    masked (on CUDA: the decode kernel, including the int8 path that quantizes the query per row)."""
+    bs = 64 if fmt in ("int4", "int2") else 16
+    pi = PagedInputs([300, 37], [0, 0], fmt, fmt, 2, 128, block_size=bs, device=device, seed=11)
+    q = torch.randn(2, 8, 1, 128, device=device).to(torch.bfloat16)
+    good = pi.attend(q, scale=128 ** -0.5)
+    q[1, 5, 0, 17] = bad  # sequence 1, query head 5 (KV head 1)
+    out = pi.attend(q, scale=128 ** -0.5)
+    row = out[1, 0, 5].float()
+    assert (row.isnan() | (row == 0)).all()
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1, 5] = False
+    torch.testing.assert_close(out[:, 0][keep], good[:, 0][keep], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", ["int4", "int2"])
 @pytest.mark.parametrize("groups", [(16, 8), (32, 64), (64, 32), (8, 16), (16, 128)])

@@ -13,7 +13,8 @@
 // unpacks them (key_channel), and the values of tokens 2c, 2c + 1, 2c + 8, 2c + 9 over its eighth,
 // [g D/8, (g + 1) D/8), m-tile mt holding channels g D/8 + 2 mt (row g) and + 1 (row g + 8). Codes
 // reach the mma as in attention_mma.cu (mma_feed.cuh): 16-bit pages as stored, int8 / fp8 as unscaled
-// codes with the token scales on the score and the probability, int4 / int2 with the key group's
+// codes with the token scales on the score and the probability (int8 keys on the integer mma instead:
+// the keys as stored against the query as two int8 terms, exact integer scores), int4 / int2 with the key group's
 // scale folded into the query. int4 / int2 values (groups of >= 64 channels) also reach the mma as raw
 // codes: each 64-channel chunk's m-tiles take P^T times the tokens' scales of that chunk, and 1 + D/64
 // correction mmas per step carry the zeros and the codes' magic offset (see the P V step); codes
@@ -22,6 +23,7 @@
 // (base-2 exponentials), its page bytes arriving through a ring of shared-memory stages filled with
 // cp.async one or two steps ahead; warps merge in shared memory, partial results go to the merge
 // kernel (attention.cu).
+#include <cfloat>
 #include <climits>
 #include <type_traits>
 
@@ -201,10 +203,16 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   if constexpr (kI8) {
     for (int r = warp; r < kRows; r += kWarps) {
       float a = 0.0f;
+      bool bad = false;  // a NaN or infinite element: the row's scores become NaN, as the fp16 path gave
 #pragma unroll
-      for (int d = lane; d < D; d += 32) a = fmaxf(a, fabsf(qrow[r * D + d]));
+      for (int d = lane; d < D; d += 32) {
+        const float x = fabsf(qrow[r * D + d]);
+        a = fmaxf(a, x);
+        bad |= !(x <= FLT_MAX);
+      }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+      if (__any_sync(0xffffffffu, bad)) a = INFINITY;
       if (lane == 0) q_amax[r] = a;
     }
     __syncthreads();
@@ -241,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float a = q_amax[2 * c + r];
-      ksc[r] = (a > 0.0f ? a / 127.0f : 1.0f) / 254.0f;
+      ksc[r] = a == INFINITY ? NAN : (a > 0.0f ? a / 127.0f : 1.0f) / 254.0f;
     }
   } else {
 #pragma unroll
@@ -594,7 +602,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       if (softcap) v = p.softcap * tanhf(v / p.softcap) * kLog2e;
       sc[i] = v;
     }
-    if (__builtin_expect(!clean, 0)) {  // a branch: predicated, the masking cost every clean step ~30 issue slots
+    if (__builtin_expect(!clean, 0)) {  // a branch (predicated, its ~30 instructions issued on every clean step)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int e = st + 8 * (i >> 1) + g;

@@ -66,7 +66,8 @@ __device__ __forceinline__ void ldsm_x4(const void* row, uint32_t* r) {
 // multiplies the score, the value scale the probability; both mmas run in fp16 (every int8 code and
 // every e4m3 value is exact in fp16), and whole 16-token steps inside one block take a fast step that
 // converts four codes per word with byte permutes (int8, biased by 1152 like the magic below; the
-// keys' bias is one per-row score offset) or the two-at-a-time e4m3 -> fp16 instruction. kDequant:
+// keys' bias is one per-row score offset; the decode kernel instead scores int8 keys on the integer
+// mma, mma_s8) or the two-at-a-time e4m3 -> fp16 instruction. kDequant:
 // dequantized in fp32, rounded.
 // kFold (int4 / int2 with key groups of >= 16 tokens and value groups of >= 8 channels): key codes go
 // to the mma as small integers, unpacked two at a time by bit operations; the key group's per-channel
