@@ -81,7 +81,8 @@ __device__ __forceinline__ constexpr int value_lane_channel(int i) { return 4 * 
 // (scale, zero) words, which the query refold reads. Loads stay in flight across steps without
 // holding registers; after cp.async.wait_group and a warp barrier each lane reads its own operands
 // where it needs them (keys before the score mma, values after the softmax), at a fixed per-lane
-// offset plus a constant. Rows are padded by 16 bytes, so the lanes' reads spread over the banks.
+// offset plus a constant. Rows are padded by 16 bytes (8-bit rows of >= 128 bytes: XOR-swizzled
+// instead, Stage::kSwz), so the lanes' reads spread over the banks.
 // The decode feed of a format: 16-bit pages as stored, int8 / fp8 with token scales, int4 / int2 folded.
 template <Format F>
 constexpr Feed decode_feed() {
@@ -95,7 +96,11 @@ struct Stage {
   static constexpr bool kTS = FD == Feed::kTokenScale, kFold = FD == Feed::kFold;
   static constexpr int BITS = bits_of<F, FD>();
   static constexpr int CBT = D * BITS / 8;  // code bytes per token (a row)
-  static constexpr int RS = CBT + 16;        // a row in the stage, padded by one 16-byte unit
+  // 8-bit rows of >= 8 16-byte units (int8 / fp8 at head_dim >= 128) are stored unpadded with an XOR
+  // swizzle (unit u of row r at unit u ^ (r & 7)), so the lanes' reads (ldmatrix, 16-byte loads) hit
+  // distinct banks and four stages fit three blocks per SM; other rows are padded by one unit.
+  static constexpr bool kSwz = kTS && CBT >= 128;
+  static constexpr int RS = kSwz ? CBT : CBT + 16;  // a row in the stage
   static constexpr int GS = D + 16;          // kFold: a lane quarter's (D / 4 channels) group words, padded
   static constexpr int kK = 0;               // 16 key rows
   static constexpr int kV = kK + kStep * RS;  // 16 value rows
@@ -105,20 +110,21 @@ struct Stage {
   static constexpr int kBytes = kG + (kFold ? 4 * GS : 0);  // one warp's stage
   // Dynamic shared memory besides the stages: query fragments, warp (max, sum), kFold's fp32 query.
   static constexpr int kOther = (D / 16) * 32 * 8 + 4 * kWarps * kRows * 2 + (kFold ? 4 * kRows * (D + 4) : 0);
-  static constexpr int kStatic = 2 * 8 * kMaxSplitBlocks + 2 * 4 * kRows;
+  static constexpr int kStatic = 2 * 8 * kMaxSplitBlocks + 3 * 4 * kRows;
   // The stages of the block's warps, reused after the loop for the warps' accumulators.
   static constexpr int area(int ns) { return ns * kWarps * kBytes > 4 * kWarps * kRows * D ? ns * kWarps * kBytes : 4 * kWarps * kRows * D; }
   // Blocks per SM: two at head_dim 256; three at 128 for int4 / int2 / int8 / fp8 (168 registers: at
   // 128 the query fragments spill inside the loop; ncu and the same-run benchmark in
   // benchmarks/RESULTS.md) and where two stages of four blocks do not fit (16-bit pages); else four.
-  // Per block: 228 KB / blocks less 1 KB reserved; three stages where they fit.
+  // Per block: 228 KB / blocks less 1 KB reserved; three stages where they fit, four for swizzled rows
+  // (the int8 kernel's largest stall was the wait for a step's copies with three).
   static constexpr bool fit(int blocks, int ns) { return area(ns) + kOther + kStatic <= 228 * 1024 / blocks - 1024; }
 #ifdef PAGEDKV_DECODE_BLOCKS  // experiments: blocks per SM below head_dim 256
   static constexpr int kBlocks = D == 256 ? 2 : fit(PAGEDKV_DECODE_BLOCKS, 2) ? PAGEDKV_DECODE_BLOCKS : 3;
 #else
   static constexpr int kBlocks = D == 256 ? 2 : D == 128 && FD != Feed::kPass ? 3 : fit(4, 2) ? 4 : 3;
 #endif
-  static constexpr int NS = fit(kBlocks, 3) ? 3 : 2;
+  static constexpr int NS = kSwz && fit(kBlocks, 4) ? 4 : fit(kBlocks, 3) ? 3 : 2;
   static constexpr int kSmem = area(NS) + kOther;
 };
 
@@ -325,15 +331,22 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   // row (lane + 32 i) / U, unit (lane + 32 i) % U (U = CBT / 16 units a row); kFold's group words,
   // unit lane + 32 i of a lane quarter's D / 16; value (scale, zero) word lane + 32 i (D / 64 a token).
   constexpr int U = CBT / 16;
-  const int cp_row = (lane / U) * SG::RS + (lane % U) * 16;
+  constexpr bool kSwz = SG::kSwz;
+  // Copies: row lane / U + 32 i / U, unit lane % U (swizzled: XOR the row's low 3 bits, which are
+  // (lane / U) ^ (32 i / U) there since lane / U < 32 / U).
+  const int cp_row = (lane / U) * SG::RS, cp_unit = 16 * (kSwz ? (lane % U) ^ ((lane / U) & 7) : lane % U);
   const int cp_grp = (lane / (D / 16)) * SG::GS + (lane % (D / 16)) * 16;
   const int vshift = vg_shift - 6;  // value groups of 64 << vshift channels
   // Reads: keys of token g at quarter c, values of token 2c (kFold: channels 8 g of each chunk; int2
   // inside an aligned word), value (scale, zero) words of token 2c, token scales of token g.
-  const int rd_key = g * SG::RS + c * (KW * 4);
+  // Swizzled rows: a row part plus a unit part that later units XOR (units (KW / 4) c + i of row g or
+  // g + 8 for keys, (VW / 4) g + i of row 2c + dr for values).
+  const int rd_key = kSwz ? g * SG::RS : g * SG::RS + c * (KW * 4);
+  const int rk_unit = 16 * ((KW / 4 * c) ^ g);
   // kI8: the row of ldsm_x4's matrix lane / 8 (token lane % 8 + 8 (lane / 8 % 2), bytes 16 (lane / 16) on).
-  const int rd_key8 = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SG::RS + 16 * (lane >> 4);
-  const int rd_val = 2 * c * SG::RS + (kFold ? (BITS == 4 ? 4 * g : 4 * (g >> 1)) : g * (VW * 4));
+  const int rd_key8 = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SG::RS + 16 * (kSwz ? (lane >> 4) ^ (lane & 7) : lane >> 4);
+  const int rd_val = 2 * c * SG::RS + (kFold ? (BITS == 4 ? 4 * g : 4 * (g >> 1)) : kSwz ? 0 : g * (VW * 4));
+  const int rv_unit = 16 * ((VW / 4 * g) ^ (2 * c));
   // Starts the copy of step st (when it is a fast step) into stage `slot`: cp.async, 16 bytes at a time
   // (kFold's value (scale, zero) words 4 at a time, one per 64 channels whatever the value group).
   // Returns the stage's flags: 1 = a fast step, 2 = its key group's words copied (the refold runs).
@@ -350,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #pragma unroll
       for (int i = 0; i < (CBT + 31) / 32; ++i) {  // 16 rows of CBT bytes: CBT units of 16 bytes
         if (CBT % 32 == 0 || lane + 32 * i < CBT) {
-          const int off = cp_row + (32 * i / U) * SG::RS;
+          const int off = cp_row + (32 * i / U) * SG::RS + (kSwz ? cp_unit ^ (16 * ((32 * i / U) & 7)) : cp_unit);
           cp_async<16>(sb + SG::kK + off, krow + 512 * i);
           cp_async<16>(sb + SG::kV + off, vrow + 512 * i);
         }
@@ -387,11 +400,11 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       if constexpr (kI8) {  // A fragment kk of the integer mma (channels 32 kk .. 32 kk + 31) in words 4 kk ..
 #pragma unroll
         for (int kk = t * KS / 4; kk < (t + 1) * KS / 4; ++kk)
-          ldsm_x4(sb + SG::kK + rd_key8 + 32 * kk, &kw[(4 * kk) / KW][(4 * kk) % KW]);
+          ldsm_x4(sb + SG::kK + (kSwz ? rd_key8 ^ (32 * kk) : rd_key8 + 32 * kk), &kw[(4 * kk) / KW][(4 * kk) % KW]);
       } else {
 #pragma unroll
         for (int i = 0; i < (KW + 3) / 4; ++i)  // 16-byte units (int2 at head_dim 64: 4 bytes)
-          load_words<KW < 4 ? KW : 4>(sb + SG::kK + rd_key + 8 * t * SG::RS + 16 * i, kw[t] + 4 * i);
+          load_words<KW < 4 ? KW : 4>(sb + SG::kK + rd_key + 8 * t * SG::RS + (kSwz ? rk_unit ^ (16 * i) : 16 * i), kw[t] + 4 * i);
       }
       if constexpr (kTS) ks[t] = *reinterpret_cast<const float*>(sb + SG::kM + 4 * (8 * t + g));
     }
@@ -411,7 +424,8 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
         }
       } else {
 #pragma unroll
-        for (int i = 0; i < (VW + 3) / 4; ++i) load_words<VW < 4 ? VW : 4>(sv + dr * SG::RS + 16 * i, vw[t] + 4 * i);
+        for (int i = 0; i < (VW + 3) / 4; ++i)
+          load_words<VW < 4 ? VW : 4>(sv + dr * SG::RS + (kSwz ? rv_unit ^ (16 * (i ^ (dr & 1))) : 16 * i), vw[t] + 4 * i);
       }
     }
     if constexpr (kTS) {
