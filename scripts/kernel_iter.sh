@@ -3,8 +3,9 @@
 # benchmark, Nsight Compute on the decode kernel per format (FMTS, default int4 int8), and the spill
 # instructions of its SASS (scripts/sass_spills.py). VARIANTS="name:NVCC_FLAGS ..." rebuilds with
 # extra CUDA flags (for example "b3:-DPAGEDKV_DECODE_BLOCKS=3") and repeats the benchmark and ncu.
-# NO_TESTS=1 skips the tests (a call that only measures). SOURCE=1 also exports the per-instruction counters of the decode kernel (executed instructions and
-# stall samples per SASS instruction, ncu's source page as CSV: $L/source_<fmt>_<variant>.csv).
+# NO_TESTS=1 skips the tests (a call that only measures). SOURCE=1 also exports the decode kernel's
+# per-instruction counters (executed instructions and stall samples per SASS instruction, ncu's source
+# page as CSV: $L/source_<fmt>_<variant>.csv; summarize with scripts/ncu_source.py).
 # Usage (device tool): bash scripts/kernel_iter.sh. Logs: $OUT/logs.tgz and the summary on stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
