@@ -6,7 +6,7 @@ effective bandwidth: bytes actually read (pages of the used blocks, scales inclu
 K/V) over time. The device's copy bandwidth is measured first, as the ceiling. On GPU two timings are
 taken for every method: "isolated" (events around one call, synchronized after it: the host's time to
 issue the call is inside) and "stream" (calls issued back to back, as a model's decode loop or a CUDA
-graph issues them: device time per call). Bandwidth is computed from the stream time.
+graph issues them: device time per call). Bandwidth and the plot use the stream time.
 """
 
 from __future__ import annotations
