@@ -45,6 +45,13 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   return y;
 }
 
+// A pointer from shared memory at a 32-bit shared address.
+__device__ __forceinline__ const uint8_t* lds_ptr(uint32_t a) {
+  uint64_t v;
+  asm volatile("ld.shared.u64 %0, [%1];\n" : "=l"(v) : "r"(a));
+  return reinterpret_cast<const uint8_t*>(v);
+}
+
 __device__ __forceinline__ float exp2_approx(float x) {  // exp2f without its subnormal range fix-ups
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -195,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   if constexpr (kFold) {
     for (int idx = tid; idx < kRows * D; idx += kThreads) {
       const int r = idx / D, d = idx % D;
-      sqf[r * QS + d] = r < p.rows ? query_at(p, s, h, r, D, d) : 0.0f;
+      sqf[r * QS + d] = r < p.rows ? query_at(p, s, h, r, D, d) * (d & 1 ? 1.0f / HIK : 1.0f) : 0.0f;  // see refold
     }
   }
   float* const qrow = so;  // kI8: the fp32 query rows [kRows][D], in the stages before the first copy
@@ -315,13 +322,20 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   uint32_t kw[2][KW], vw[4][kFold ? NC : VW], vm[4][kFold ? NC : 1];
   float ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};  // kTS: scales of tokens g, g + 8
   // A step's page-head pair (null when not fast: not whole in the warp's range or in one existing block).
+  // The head tables read through 32-bit shared addresses taken once (indexed through the arrays, every
+  // step recomputed their shared window address, S2R SR_CgaCtaId included).
+  const uint32_t kheads_s = static_cast<uint32_t>(__cvta_generic_to_shared(k_heads));
+  const uint32_t vheads_s = static_cast<uint32_t>(__cvta_generic_to_shared(v_heads));
   const auto step_heads = [&](int st, const uint8_t*& kh, const uint8_t*& vh, int& off0) {
     const int pos0 = isk + st;
     const int scol = (pos0 >> bs_shift) - col0;
     off0 = pos0 & bmask;
-    kh = st >= wlo && st + kStep <= lim && st + kStep <= plen ? k_heads[scol] : nullptr;
-    vh = kh != nullptr ? v_heads[scol] : nullptr;
-    if (vh == nullptr) kh = nullptr;
+    kh = vh = nullptr;
+    if (st >= wlo && st + kStep <= lim && st + kStep <= plen) {
+      kh = lds_ptr(kheads_s + 8 * scol);
+      vh = lds_ptr(vheads_s + 8 * scol);
+      if (kh == nullptr || vh == nullptr) kh = vh = nullptr;
+    }
   };
   uint8_t* const wstage = stages + warp * NS * SG::kBytes;
   // Step st's key group needs its (scale, zero) words (kFold): the first step of a group or of the
@@ -464,6 +478,86 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       }
     }
   };
+  // kFold, at the first fast step of a key group (its (scale, zero) words in the step's stage): the
+  // lane's folded query q' = q * scale, rounded to T, as the key mma's B fragments qa, and the score
+  // offsets kb of rows 2c, 2c + 1: q . zero - magic sum(q'). Odd channels meet the odd unpacked pairs
+  // (HIK x code), so sqf holds them divided by HIK (exact: a power of two) and q' costs one multiply;
+  // their zeros' share is HIK times its own sum. magic sum(q') comes from the tensor core: the key mma
+  // of an all-zero token (A = magic) against qa. With at most 4 query rows (one query token of a GQA
+  // group of <= 4), the lanes of padding rows g = 4..7 fold the second half of row g - 4's units and
+  // the halves are swapped across lanes l, l + 16, so no lane folds a padding row.
+  // fold_units: NU units (PW channels each) from unit jw0 of the lane's quarter of one query row qr.
+  const auto fold_units = [&](auto nu, int jw0, const uint32_t* sz, const float* qr, auto& out, float& be, float& bo) {
+    constexpr int NU = decltype(nu)::value;
+#pragma unroll
+    for (int j = 0; j < NU; ++j) {
+      uint32_t zw[PW];
+      float qv[PW];
+#pragma unroll
+      for (int i = 0; i < PW / 4; ++i) {
+        load_words<4>(reinterpret_cast<const uint8_t*>(sz + PW * (jw0 + j) + 4 * i), zw + 4 * i);
+        const float4 f4 = *reinterpret_cast<const float4*>(qr + PW * (jw0 + j) + 4 * i);
+        qv[4 * i] = f4.x;
+        qv[4 * i + 1] = f4.y;
+        qv[4 * i + 2] = f4.z;
+        qv[4 * i + 3] = f4.w;
+      }
+#pragma unroll
+      for (int u = 0; u < KPW; ++u) {
+        float r[4];
+#pragma unroll
+        for (int sl = 0; sl < 4; ++sl) {  // slots 2, 3: the odd channels
+          const int ch = key_channel<FD, PW>(u, sl);
+          const float2 f = __half22float2(as_h2(zw[ch]));  // (scale, zero)
+          r[sl] = qv[ch] * f.x;
+          if (sl < 2) be = fmaf(qv[ch], f.y, be);
+          else bo = fmaf(qv[ch], f.y, bo);
+        }
+        out[KPW * j + u][0] = pack2<T>(r[0], r[1]);
+        out[KPW * j + u][1] = pack2<T>(r[2], r[3]);
+      }
+    }
+  };
+  const auto refold = [&](int slot) {
+    constexpr int NU = LK / PW;
+    const uint32_t* sz = reinterpret_cast<const uint32_t*>(wstage + slot * SG::kBytes + SG::kG + c * SG::GS);
+    float be = 0.0f, bo = 0.0f;
+    bool folded = false;
+    if constexpr (NU % 2 == 0) {
+      if (p.rows <= kRows / 2) {
+        const bool hi = g >= kRows / 2;
+        uint32_t tq[KS / 2][2];
+        fold_units(std::integral_constant<int, NU / 2>{}, hi ? NU / 2 : 0, sz, sqf + (g & 3) * QS + c * LK, tq, be, bo);
+#pragma unroll
+        for (int i = 0; i < KS / 2; ++i) {
+#pragma unroll
+          for (int w = 0; w < 2; ++w) {
+            const uint32_t other = __shfl_xor_sync(0xffffffffu, tq[i][w], 16);
+            qa[i][w] = hi ? other : tq[i][w];
+            qa[KS / 2 + i][w] = hi ? tq[i][w] : other;
+          }
+        }
+        be = fmaf(static_cast<float>(HIK), bo, be);
+        be += __shfl_xor_sync(0xffffffffu, be, 16);
+        folded = true;
+      }
+    }
+    if (!folded) {
+      fold_units(std::integral_constant<int, NU>{}, 0, sz, sqf + g * QS + c * LK, qa, be, bo);
+      be = fmaf(static_cast<float>(HIK), bo, be);
+    }
+    be += __shfl_xor_sync(0xffffffffu, be, 1);
+    be += __shfl_xor_sync(0xffffffffu, be, 2);
+    float m0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, m1[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // two chains
+    const uint4 magic = make_uint4(kMagic2<T>, kMagic2<T>, kMagic2<T>, kMagic2<T>);
+#pragma unroll
+    for (int kk = 0; kk < KS; kk += 2) {
+      mma<T>(m0, magic, qa[kk][0], qa[kk][1]);
+      mma<T>(m1, magic, qa[kk + 1][0], qa[kk + 1][1]);
+    }
+    kb[0] = __shfl_sync(0xffffffffu, be, 8 * c) - (m0[0] + m1[0]);
+    kb[1] = __shfl_sync(0xffffffffu, be, 8 * c + 4) - (m0[1] + m1[1]);
+  };
   uint32_t stage_flags = 0;  // copy_step's flags, 2 bits per stage
 #pragma unroll
   for (int i = 0; i + 1 < NS; ++i) stage_flags |= copy_step(w0 + i * kStep, i) << (2 * i);
@@ -494,50 +588,16 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     if (fast) {
       read_keys(slot);
       if constexpr (kFold) {
-        if (flags & 2) {  // the step's stage holds its key group's (scale, zero) words
-          // q' = q * scale (rounded to the model dtype) and the bias q . zero - magic sum(q').
-          const uint32_t* sz = reinterpret_cast<const uint32_t*>(wstage + slot * SG::kBytes + SG::kG + c * SG::GS);
-          const float* qr = sqf + g * QS + c * LK;
-          float b = 0.0f;
-#pragma unroll
-          for (int jw = 0; jw < LK / PW; ++jw) {  // one unpack unit: PW channels, 16-byte loads
-            uint32_t zw[PW];
-            float qv[PW];
-#pragma unroll
-            for (int i = 0; i < PW / 4; ++i) {
-              load_words<4>(reinterpret_cast<const uint8_t*>(sz + PW * jw + 4 * i), zw + 4 * i);
-              const float4 f4 = *reinterpret_cast<const float4*>(qr + PW * jw + 4 * i);
-              qv[4 * i] = f4.x;
-              qv[4 * i + 1] = f4.y;
-              qv[4 * i + 2] = f4.z;
-              qv[4 * i + 3] = f4.w;
-            }
-#pragma unroll
-            for (int u = 0; u < KPW; ++u) {
-              const int kk = KPW * jw + u;
-              float r[4];
-#pragma unroll
-              for (int sl = 0; sl < 4; ++sl) {  // slots 2, 3 meet the odd pairs: q' / HIK
-                const int ch = key_channel<FD, PW>(kk, sl) - PW * jw;
-                const float2 f = __half22float2(as_h2(zw[ch]));  // (scale, zero)
-                r[sl] = round_t<T>(qv[ch] * f.x * (sl >= 2 ? 1.0f / HIK : 1.0f));
-                b += qv[ch] * f.y - kMagic<T> * r[sl];
-              }
-              qa[kk][0] = pack2<T>(r[0], r[1]);
-              qa[kk][1] = pack2<T>(r[2], r[3]);
-            }
-          }
-          b += __shfl_xor_sync(0xffffffffu, b, 1);
-          b += __shfl_xor_sync(0xffffffffu, b, 2);
-          kb[0] = __shfl_sync(0xffffffffu, b, 8 * c);
-          kb[1] = __shfl_sync(0xffffffffu, b, 8 * c + 4);
-        }
+        if (flags & 2) refold(slot);
       }
-      // S^T for the 16 tokens.
+      // S^T for the 16 tokens, the mma fp16 / bf16 feeds on two accumulator chains (even / odd k-steps;
+      // kFold's odd chain starts from the score offsets kb).
+      float sx[4] = {kb[0], kb[1], kb[0], kb[1]};
       if constexpr (FD == Feed::kPass) {
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk)
-          mma<TK>(sc, make_uint4(kw[0][2 * kk], kw[1][2 * kk], kw[0][2 * kk + 1], kw[1][2 * kk + 1]), qa[kk][0], qa[kk][1]);
+          mma<TK>(kk % 2 ? sx : sc, make_uint4(kw[0][2 * kk], kw[1][2 * kk], kw[0][2 * kk + 1], kw[1][2 * kk + 1]), qa[kk][0],
+                  qa[kk][1]);
       } else if constexpr (kI8) {
         int ah[4] = {0, 0, 0, 0}, al[4] = {0, 0, 0, 0};  // sum(code q_hi), sum(code q_lo): two independent chains
 #pragma unroll
@@ -554,7 +614,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
           uint32_t a0, a1, a2, a3;
           key_word<F>(kw[0][kk], a0, a2);
           key_word<F>(kw[1][kk], a1, a3);
-          mma<TK>(sc, make_uint4(a0, a1, a2, a3), qa[kk][0], qa[kk][1]);
+          mma<TK>(kk % 2 ? sx : sc, make_uint4(a0, a1, a2, a3), qa[kk][0], qa[kk][1]);
         }
       } else {
 #pragma unroll
@@ -564,15 +624,13 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
           unpack_lohi<BITS, T>(kw[1][jw], rb);
 #pragma unroll
           for (int u = 0; u < KPW; ++u)
-            mma<TK>(sc, make_uint4(ra[2 * u], rb[2 * u], ra[2 * u + 1], rb[2 * u + 1]), qa[KPW * jw + u][0],
-                    qa[KPW * jw + u][1]);
+            mma<TK>((KPW * jw + u) % 2 ? sx : sc, make_uint4(ra[2 * u], rb[2 * u], ra[2 * u + 1], rb[2 * u + 1]),
+                    qa[KPW * jw + u][0], qa[KPW * jw + u][1]);
         }
       }
-      if constexpr (kFold) {
-        sc[0] += kb[0];
-        sc[1] += kb[1];
-        sc[2] += kb[0];
-        sc[3] += kb[1];
+      if constexpr (!kI8) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sc[i] += sx[i];
       }
       read_values(slot);  // its latency hides behind the softmax
     } else {
@@ -664,6 +722,19 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     // chunk g % NC's scaled P^T (the magic's share, the same in odd tiles, which are then divided by
     // HIV); in row g + 8, chunk g % NC's zeros against P^T (za, zb).
     uint32_t bq[kFold ? NC : 1][2], za = 0u, zb = 0u;
+    // The cz mmas: int8's ones, kFold's zeros and magic offsets. At head_dim >= 128 they go first, so
+    // that their chain's latency overlaps the P V mmas (at 64 that spilled at four blocks per SM).
+    const auto corrections = [&] {
+      if constexpr (kI8) mma<__half>(cz, make_uint4(0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u), b0, b1);  // ones
+      if constexpr (kFold) {
+        mma<__half>(cz, make_uint4(0u, za, 0u, zb), b0, b1);
+#pragma unroll
+        for (int j = 0; j < NC; ++j) {
+          const uint32_t a = g % NC == j ? 0xe400e400u : 0u;  // -1024 in fp16
+          mma<__half>(cz, make_uint4(a, 0u, a, 0u), bq[j][0], bq[j][1]);
+        }
+      }
+    };
     if (fast) {
       if constexpr (kFold) {
         const int jg = g % NC;
@@ -682,6 +753,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
           bq[j][1] = h2_bits(__hmul2(as_h2(b1), as_h2(__byte_perm(vm[2][j], vm[3][j], 0x5410))));
         }
       }
+      if constexpr (D >= 128) corrections();
 #pragma unroll
       for (int q = 0; q < NPC; ++q) {
         unpack_piece(q, vr);
@@ -715,18 +787,8 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #pragma unroll
       for (int t = 0; t < KS; ++t) pv_tile(t, vr, bq, b0, b1);
     }
-    if constexpr (kI8) {
-      if (fast) mma<__half>(cz, make_uint4(0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u), b0, b1);  // ones
-    }
-    if constexpr (kFold) {
-      if (fast) {
-        mma<__half>(cz, make_uint4(0u, za, 0u, zb), b0, b1);
-#pragma unroll
-        for (int j = 0; j < NC; ++j) {
-          const uint32_t a = g % NC == j ? 0xe400e400u : 0u;  // -1024 in fp16
-          mma<__half>(cz, make_uint4(a, 0u, a, 0u), bq[j][0], bq[j][1]);
-        }
-      }
+    if constexpr (D < 128) {
+      if (fast) corrections();
     }
     slot = slot + 1 == NS ? 0 : slot + 1;
   }
