@@ -199,17 +199,15 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     }
     sq[idx] = make_uint2(pack2<TK>(x[0], x[1]), pack2<TK>(x[2], x[3]));
   }
-  if constexpr (kFold) {
+  // fp32 query rows: kFold's in sqf (row stride QS, odd channels divided by HIK: see refold); kI8's in
+  // qrow, the stages before the first copy (stride D).
+  float* const qrow = so;
+  if constexpr (kFold || kI8) {
+    float* const qdst = kFold ? sqf : qrow;
+    constexpr int stride = kFold ? QS : D;
     for (int idx = tid; idx < kRows * D; idx += kThreads) {
       const int r = idx / D, d = idx % D;
-      sqf[r * QS + d] = r < p.rows ? query_at(p, s, h, r, D, d) * (d & 1 ? 1.0f / HIK : 1.0f) : 0.0f;  // see refold
-    }
-  }
-  float* const qrow = so;  // kI8: the fp32 query rows [kRows][D], in the stages before the first copy
-  if constexpr (kI8) {
-    for (int idx = tid; idx < kRows * D; idx += kThreads) {
-      const int r = idx / D, d = idx % D;
-      qrow[idx] = r < p.rows ? query_at(p, s, h, r, D, d) : 0.0f;
+      qdst[r * stride + d] = r < p.rows ? query_at(p, s, h, r, D, d) * (d & 1 ? 1.0f / HIK : 1.0f) : 0.0f;
     }
   }
   __syncthreads();
