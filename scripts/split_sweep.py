@@ -12,9 +12,9 @@ import argparse
 import torch
 
 from pagedkv import ops
-from pagedkv.bench.attention import SHAPES, Pages
+from pagedkv.bench.attention import SHAPES, Pages, default_block
 from pagedkv.bench.timing import stream_time_us
-from pagedkv.config import FORMATS, GROUPED
+from pagedkv.config import FORMATS
 
 
 def main() -> None:
@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--context", type=int, nargs="+", default=[32768])
     ap.add_argument("--splits", type=int, nargs="+", default=[0, 8, 16, 32, 64, 128])
+    ap.add_argument("--block-size", type=int, default=None, help="tokens per page (default: the cache's)")
     ap.add_argument("--reps", type=int, default=30)
     a = ap.parse_args()
     hq, hkv, d = SHAPES[a.shape]
@@ -35,7 +36,7 @@ def main() -> None:
             q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
             k = torch.randn(b, hkv, n, d, device=dev, dtype=torch.bfloat16)
             for fmt in a.fmt:
-                p = Pages(k, k, fmt, 64 if fmt in GROUPED else 16)
+                p = Pages(k, k, fmt, a.block_size or default_block(fmt))
                 f = FORMATS[fmt]
                 row = []
                 for s in a.splits:

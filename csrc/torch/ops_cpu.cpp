@@ -35,9 +35,9 @@ at::Tensor gather_cpu_op(at::TensorList pages, const at::Tensor& block_table, co
 }
 
 void copy_blocks_cpu_op(at::TensorList pages, const at::Tensor& pairs, int64_t block_bytes, int64_t blocks_per_chunk) {
-  TORCH_CHECK_TYPE(pairs.scalar_type() == at::kLong, "pairs must be int64, got ", pairs.scalar_type());
-  TORCH_CHECK_VALUE(pairs.dim() == 2 && pairs.size(1) == 2, "pairs must be [num_pairs, 2], got shape ", pairs.sizes());
-  TORCH_CHECK_VALUE(block_bytes > 0, "block_bytes must be positive, got ", block_bytes);
+  PKV_CHECK_TYPE(pairs.scalar_type() == at::kLong, "pairs must be int64, got ", pairs.scalar_type());
+  PKV_CHECK_VALUE(pairs.dim() == 2 && pairs.size(1) == 2, "pairs must be [num_pairs, 2], got shape ", pairs.sizes());
+  PKV_CHECK_VALUE(block_bytes > 0, "block_bytes must be positive, got ", block_bytes);
   PageLayout layout;
   layout.block_bytes = block_bytes;
   ChunkList holder;
@@ -53,7 +53,7 @@ at::Tensor paged_attention_cpu_op(const at::Tensor& query, at::TensorList k_page
                                   int64_t mask_offset, int64_t k_format, int64_t v_format, int64_t k_group,
                                   int64_t v_group, int64_t block_size, int64_t blocks_per_chunk, int64_t num_kv_heads,
                                   double scale, double softcap, int64_t window, int64_t num_splits) {
-  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: automatic), got ", num_splits);
+  PKV_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: automatic), got ", num_splits);
   AttentionHold hold;
   AttentionParams p = prepare_attention(query, k_pages, v_pages, block_table, seq_lens, skip, k_tail, v_tail, kv_mask,
                                         mask_offset, k_format, v_format, k_group, v_group, block_size,

@@ -34,7 +34,7 @@ at::Tensor device_chunk_table(const ChunkList& holder, const at::Device& device)
   std::lock_guard<std::mutex> lock(mu);
   const auto it = cache.find(ptrs);
   if (it != cache.end()) return it->second;
-  TORCH_CHECK(!stream_capturing(), "pagedkv: a page chunk table was first needed during CUDA graph capture; run "
+  PKV_CHECK_RUNTIME(!stream_capturing(), "pagedkv: a page chunk table was first needed during CUDA graph capture; run "
               "the captured step once eagerly before capturing it");
   if (cache.size() >= kMaxEntries) cache.clear();
   at::Tensor t = at::tensor(at::ArrayRef<int64_t>(ptrs.data(), ptrs.size() - 1), at::kLong).to(device);
@@ -87,8 +87,8 @@ at::Tensor gather_cuda_op(at::TensorList pages, const at::Tensor& block_table, c
 
 void copy_blocks_cuda_op(at::TensorList pages, const at::Tensor& pairs, int64_t block_bytes, int64_t blocks_per_chunk) {
   const at::cuda::CUDAGuard guard(pairs.device());
-  TORCH_CHECK_TYPE(pairs.scalar_type() == at::kLong, "pairs must be int64, got ", pairs.scalar_type());
-  TORCH_CHECK_VALUE(pairs.dim() == 2 && pairs.size(1) == 2, "pairs must be [num_pairs, 2], got shape ", pairs.sizes());
+  PKV_CHECK_TYPE(pairs.scalar_type() == at::kLong, "pairs must be int64, got ", pairs.scalar_type());
+  PKV_CHECK_VALUE(pairs.dim() == 2 && pairs.size(1) == 2, "pairs must be [num_pairs, 2], got shape ", pairs.sizes());
   PageLayout layout;
   layout.block_bytes = block_bytes;
   ChunkList holder;
@@ -97,7 +97,7 @@ void copy_blocks_cuda_op(at::TensorList pages, const at::Tensor& pairs, int64_t 
   const auto pair = host.accessor<int64_t, 2>();
   for (int64_t i = 0; i < host.size(0); ++i) {
     const int64_t a = pair[i][0], b = pair[i][1];
-    TORCH_CHECK_VALUE(view.has_block(a) && view.has_block(b), "block pair ", i, " = (", a, ", ", b,
+    PKV_CHECK_VALUE(view.has_block(a) && view.has_block(b), "block pair ", i, " = (", a, ", ", b,
                       ") is not in these pages");
   }
   const at::Tensor dev_pairs = pairs.contiguous();
@@ -127,16 +127,16 @@ at::Tensor paged_attention_cuda_op(const at::Tensor& query, at::TensorList k_pag
                                    int64_t v_group, int64_t block_size, int64_t blocks_per_chunk, int64_t num_kv_heads,
                                    double scale, double softcap, int64_t window, int64_t num_splits) {
   const at::cuda::CUDAGuard guard(query.device());
-  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: automatic), got ", num_splits);
+  PKV_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: automatic), got ", num_splits);
   AttentionHold hold;
   const bool validate = host_validation();
   AttentionParams p = prepare_attention(query, k_pages, v_pages, block_table, seq_lens, skip, k_tail, v_tail, kv_mask,
                                         mask_offset, k_format, v_format, k_group, v_group, block_size,
                                         blocks_per_chunk, num_kv_heads, scale, softcap, window, hold, validate);
-  TORCH_CHECK_VALUE(p.k.num_chunks <= kMaxAttentionChunks && p.v.num_chunks <= kMaxAttentionChunks,
+  PKV_CHECK_VALUE(p.k.num_chunks <= kMaxAttentionChunks && p.v.num_chunks <= kMaxAttentionChunks,
                     "the pages have ", std::max(p.k.num_chunks, p.v.num_chunks), " chunks; the CUDA attention takes at "
                     "most ", kMaxAttentionChunks, " (use a larger blocks_per_chunk)");
-  TORCH_CHECK_VALUE(p.head_dim() <= 256 && p.head_dim() % 8 == 0, "the CUDA attention needs head_dim <= 256 and a "
+  PKV_CHECK_VALUE(p.head_dim() <= 256 && p.head_dim() % 8 == 0, "the CUDA attention needs head_dim <= 256 and a "
                     "multiple of 8, got ", p.head_dim());
   if (validate) {
     // prepare_attention pointed the index arrays at host copies: use the device tensors.

@@ -149,3 +149,17 @@ TEST_CASE("page layouts: exact sizes and validation") {
   CHECK_THROWS_WITH(format_from_name("int3"), Catch::Contains("unknown kv format 'int3'"));
   CHECK(std::string(format_name(format_from_name("nf4"))) == "nf4");
 }
+
+TEST_CASE("error messages format numbers without std::ostream, as an ostream did") {
+  CHECK(detail::concat("n=", 42, ", m=", int64_t{-7}, ", u=", 3u) == "n=42, m=-7, u=3");
+  CHECK(detail::concat(0.5f, " ", 1e-7, " ", 123456789.0) == "0.5 1e-07 1.23457e+08");
+  CHECK(detail::concat(Format::kInt4, '/', std::string("s"), true) == std::to_string(static_cast<int>(Format::kInt4)) + "/s1");
+  bool thrown = false;
+  try {
+    PKV_CHECK(1 + 1 == 3, "bad value ", 2.25, " at ", 9);
+  } catch (const Error& e) {
+    thrown = true;
+    CHECK(std::string(e.what()).rfind("bad value 2.25 at 9 [", 0) == 0);
+  }
+  CHECK(thrown);
+}

@@ -29,3 +29,15 @@ def test_stream_time_on_cpu_is_the_per_call_time():
     us = stream_time_us(lambda: calls.append(1), torch.device("cpu"), reps=4, warmup=2)
     assert us >= 0 and len(calls) == 6  # CPU: the same as median_time_us (warmup + reps)
     assert median_time_us(lambda: time.sleep(0.002), torch.device("cpu"), reps=3) >= 2000  # µs, not s or ms
+
+
+def test_attention_bench_block_sizes(tmp_path):
+    out = tmp_path / "attention.json"
+    attention.main(["--device", "cpu", "--shapes", "llama3.2-1b", "--batches", "1", "--contexts", "256",
+                    "--formats", "int8", "--block-sizes", "16", "64", "--reps", "1", "--json", str(out)])
+    recs = json.loads(out.read_text())["results"]
+    assert [(r["method"], r.get("block_size")) for r in recs] == [("sdpa float32", None), ("int8 bs16", 16),
+                                                                  ("int8 bs64", 64)]
+    # 256 tokens fill 16 pages of 16 or 4 of 64: the same bytes up to the per-page scales' layout.
+    assert abs(recs[1]["bytes"] - recs[2]["bytes"]) / recs[1]["bytes"] < 0.01
+    assert recs[1]["max_abs_err_vs_dense"] < 0.02 and recs[2]["max_abs_err_vs_dense"] < 0.02

@@ -140,3 +140,24 @@ def test_sliding_crop_beyond_window_is_refused():
     assert c.get_seq_length() == 101
     c.crop(-2)
     assert c.get_seq_length() == 99
+
+
+def test_extension_messages_avoid_ostream():
+    """Numbers inserted into a std::ostream from the extension crash the GPU image's process
+    (benchmarks/RESULTS.md, "Errors on the GPU image"), so csrc builds messages with
+    pagedkv::detail::concat / pagedkv::msg, and torch's checks only through PKV_CHECK_*."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "csrc"
+    if not root.exists():
+        pytest.skip("no source tree")
+    bad = []
+    for f in sorted(root.rglob("*")):
+        if f.suffix not in {".h", ".cpp", ".cu", ".cuh"}:
+            continue
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if any(k in line for k in ("<sstream>", "<iostream>", "ostringstream", "std::cout", "std::cerr", "c10::str(")):
+                bad.append(f"{f.relative_to(root)}:{i}: {line.strip()}")
+            if "TORCH_CHECK" in line and not line.startswith("#define PKV_CHECK_"):
+                bad.append(f"{f.relative_to(root)}:{i}: {line.strip()}")
+    assert not bad, "\n".join(bad)

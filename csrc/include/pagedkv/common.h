@@ -3,9 +3,11 @@
 #pragma once
 
 #include <cstdint>
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define PKV_HD __host__ __device__ __forceinline__
@@ -30,11 +32,34 @@ class BudgetError : public Error {
 };
 
 namespace detail {
+// Messages are built without std::ostream. On the GPU image (torch 2.11+cu130 wheel, Ubuntu GCC 13.3)
+// inserting a number into a std::ostream from extension code crashes the process, whether or not an
+// exception follows (benchmarks/RESULTS.md, "Errors on the GPU image"); strings and std::to_string
+// are safe there. Enums print as their value, as an ostream printed them; other types must be
+// converted by the caller (csrc/torch/checks.h does torch's).
+inline void append(std::string& s, const char* x) { s += x; }
+inline void append(std::string& s, const std::string& x) { s += x; }
+inline void append(std::string& s, std::string_view x) { s.append(x.data(), x.size()); }
+inline void append(std::string& s, char x) { s += x; }
+template <typename T>
+void append(std::string& s, const T& x) {
+  if constexpr (std::is_enum_v<T>) {
+    s += std::to_string(static_cast<long long>(x));
+  } else if constexpr (std::is_integral_v<T>) {
+    s += std::to_string(x);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(x));  // an ostream's default format
+    s += buf;
+  } else {
+    static_assert(sizeof(T) == 0, "convert this type to a string before passing it to a message");
+  }
+}
 template <typename... Args>
 std::string concat(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
+  std::string s;
+  (append(s, args), ...);
+  return s;
 }
 }  // namespace detail
 

@@ -25,6 +25,11 @@ SHAPES = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64)}
 ALL_FORMATS = ["bf16", "fp8_e4m3", "int8", "nf4", "int4", "int2"]
 
 
+def default_block(fmt: str) -> int:
+    """PagedKVCache's default tokens per page for a format."""
+    return 64 if fmt in GROUPED else 16
+
+
 class Pages:
     """Keys/values of ``batch`` sequences of ``ctx`` tokens in shuffled blocks of one format."""
 
@@ -67,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=None)
     ap.add_argument("--contexts", nargs="+", type=int, default=None)
     ap.add_argument("--formats", nargs="+", default=ALL_FORMATS, choices=list(FORMATS))
+    ap.add_argument("--block-sizes", nargs="+", type=int, default=None,
+                    help="tokens per page, each format measured at each (default: the cache's, 64 for grouped formats "
+                         "else 16)")
     ap.add_argument("--max-tokens", type=int, default=None, help="skip batch x context above this")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (timings on 2 cores are noise otherwise)")
@@ -111,20 +119,20 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([shape, b, n, name, f"{sdpa_us:.1f}", "1.00"] + ([f"{sdpa_st:.1f}", "1.00"] if gpu else [])
                             + [f"{rec['gbs']:.0f}", f"{100 * rec['gbs'] / copy_bw:.0f}%"])
                 ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
-                for fmt in args.formats:
-                    bs = 64 if fmt in GROUPED else 16
+                for fmt, bs in [(f, bs) for f in args.formats for bs in (args.block_sizes or [default_block(f)])]:
+                    method = fmt if args.block_sizes is None else f"{fmt} bs{bs}"
                     pages = Pages(k, v, fmt, bs)
                     qq = q if gpu else q
                     out = pages(qq)
                     err = (out.transpose(1, 2).float() - ref).abs().max().item()
                     us = median_time_us(lambda: pages(qq), dev, reps=args.reps)
                     st = stream_time_us(lambda: pages(qq), dev, reps=args.reps) if gpu else us
-                    rec = dict(shape=shape, batch=b, context=n, method=fmt, us=us, speedup=sdpa_us / us, us_stream=st,
+                    rec = dict(shape=shape, batch=b, context=n, method=method, block_size=bs, us=us, speedup=sdpa_us / us, us_stream=st,
                                speedup_stream=sdpa_st / st, gbs=pages.bytes / st / 1e3, bytes=pages.bytes,
                                max_abs_err_vs_dense=err)
                     records.append(rec)
-                    panel.setdefault(fmt, []).append((n, st))
-                    rows.append([shape, b, n, fmt, f"{us:.1f}", f"{sdpa_us / us:.2f}"]
+                    panel.setdefault(method, []).append((n, st))
+                    rows.append([shape, b, n, method, f"{us:.1f}", f"{sdpa_us / us:.2f}"]
                                 + ([f"{st:.1f}", f"{sdpa_st / st:.2f}"] if gpu else [])
                                 + [f"{rec['gbs']:.0f}", f"{100 * rec['gbs'] / copy_bw:.0f}%"])
                     del pages
