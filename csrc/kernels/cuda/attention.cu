@@ -475,9 +475,11 @@ void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, i
   int64_t split = (n + splits - 1) / splits;
   split = (split + 15) / 16 * 16;
   if (fast_path(p)) {
-    // The split's block addresses live in shared memory (kMaxSplitBlocks columns, a split may start
-    // mid-block); the CUDA-core kernel also keeps the split's scores there.
-    split = std::min<int64_t>(split, (kMaxSplitBlocks - 2) * p.k.layout.block_size);
+    // The split's block addresses live in shared memory (kMaxSplitBlocks columns, kDecodeSplitCols for
+    // the decode kernel; a split may start mid-block); the CUDA-core kernel also keeps the split's
+    // scores there.
+    const int cols = mma && attention_decode_supported(p) ? kDecodeSplitCols : kMaxSplitBlocks;
+    split = std::min<int64_t>(split, (cols - 2) * p.k.layout.block_size);
     if (!mma) split = std::min<int64_t>(split, max_split(R));
   }
   p.split_tokens = split;

@@ -19,6 +19,9 @@ constexpr int kMaxSplitBlocks = PAGEDKV_MAX_SPLIT_BLOCKS;
 #else
 constexpr int kMaxSplitBlocks = 2048 / 16 + 2;  // block-table columns of the longest split
 #endif
+// The decode kernel keeps 4 bytes a column (attention_decode.cu, SplitCols) where split_heads keeps
+// 16, so its splits may span 4x the columns in the same shared memory.
+constexpr int kDecodeSplitCols = 4 * kMaxSplitBlocks;
 
 struct DevView {
   const uint8_t* chunk[kMaxAttentionChunks];

@@ -23,6 +23,7 @@
 // (base-2 exponentials), its page bytes arriving through a ring of shared-memory stages filled with
 // cp.async one or two steps ahead; warps merge in shared memory, partial results go to the merge
 // kernel (attention.cu).
+#include <algorithm>
 #include <cfloat>
 #include <climits>
 #include <type_traits>
@@ -45,11 +46,44 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   return y;
 }
 
-// A pointer from shared memory at a 32-bit shared address.
-__device__ __forceinline__ const uint8_t* lds_ptr(uint32_t a) {
-  uint64_t v;
-  asm volatile("ld.shared.u64 %0, [%1];\n" : "=l"(v) : "r"(a));
-  return reinterpret_cast<const uint8_t*>(v);
+__device__ __forceinline__ uint32_t lds_u32(uint32_t a) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(a));
+  return v;
+}
+
+// The split's block-table columns, 4 bytes each in shared memory: (chunk << kColShift) | block in
+// chunk, kNoCol where the block is outside the pages. Page-head pointers for keys and values would
+// take 16 bytes a column; at 4 a split spans kDecodeSplitCols columns, so 16-token blocks get the
+// same one-wave split plans as 64-token ones (8192 tokens a split; 2048 with pointers).
+constexpr uint32_t kNoCol = 0xffffffffu;
+constexpr int kColShift = 22;  // blocks per chunk < 2^22, chunks < 2^10 (attention_decode_supported)
+struct SplitCols {
+  uint32_t cols_s;  // shared address of column 0
+  const DevView* k;
+  const DevView* v;
+  int64_t k_off, v_off;  // the head's offset in a block
+  __device__ __forceinline__ void get(int col, const uint8_t*& kh, const uint8_t*& vh) const {
+    const uint32_t w = lds_u32(cols_s + 4 * col);
+    kh = vh = nullptr;
+    if (w != kNoCol) {
+      const uint32_t ci = w >> kColShift;
+      const int64_t bi = w & ((1u << kColShift) - 1u);
+      kh = k->chunk[ci] + bi * k->L.block_bytes + k_off;
+      vh = v->chunk[ci] + bi * v->L.block_bytes + v_off;
+    }
+  }
+};
+
+// Fills cols[0, min(ncols, kDecodeSplitCols)) for block-table columns col0.. of sequence s.
+__device__ __forceinline__ void split_cols(const KParams& p, int s, int col0, int ncols, uint32_t* cols, int tid,
+                                           int nthreads) {
+  for (int j = tid; j < ncols && j < kDecodeSplitCols; j += nthreads) {
+    const int64_t col = col0 + j;
+    const int64_t blk = col < p.max_blocks ? p.table[static_cast<int64_t>(s) * p.max_blocks + col] : -1;
+    const bool ok = blk >= 0 && blk < p.k.id_space && blk < p.v.id_space;
+    cols[j] = ok ? static_cast<uint32_t>(blk / p.k.bpc) << kColShift | static_cast<uint32_t>(blk % p.k.bpc) : kNoCol;
+  }
 }
 
 __device__ __forceinline__ float exp2_approx(float x) {  // exp2f without its subnormal range fix-ups
@@ -117,7 +151,7 @@ struct Stage {
   static constexpr int kBytes = kG + (kFold ? 4 * GS : 0);  // one warp's stage
   // Dynamic shared memory besides the stages: query fragments, warp (max, sum), kFold's fp32 query.
   static constexpr int kOther = (D / 16) * 32 * 8 + 4 * kWarps * kRows * 2 + (kFold ? 4 * kRows * (D + 4) : 0);
-  static constexpr int kStatic = 2 * 8 * kMaxSplitBlocks + 3 * 4 * kRows;
+  static constexpr int kStatic = 4 * kDecodeSplitCols + 3 * 4 * kRows;
   // The stages of the block's warps, reused after the loop for the warps' accumulators.
   static constexpr int area(int ns) { return ns * kWarps * kBytes > 4 * kWarps * kRows * D ? ns * kWarps * kBytes : 4 * kWarps * kRows * D; }
   // Blocks per SM: two at head_dim 256; three at 128 for int4 / int2 / int8 / fp8 (168 registers: at
@@ -171,8 +205,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   float* sqf = sml + kWarps * kRows * 2;                     // [kRows][QS] fp32 query rows (kFold)
   __shared__ int row_lo[kRows], row_hi[kRows];
   __shared__ float q_amax[kRows];  // kI8: max |q| of each row
-  __shared__ const uint8_t* k_heads[kMaxSplitBlocks];
-  __shared__ const uint8_t* v_heads[kMaxSplitBlocks];
+  __shared__ uint32_t cols[kDecodeSplitCols];
 
   const int split = blockIdx.x, h = blockIdx.y, s = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
@@ -291,9 +324,11 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   const int bs_shift = __ffs(p.k.L.block_size) - 1, bmask = (1 << bs_shift) - 1;
   const int col0 = static_cast<int>((skip + e0) >> bs_shift);
   const int ncols = len > 0 ? static_cast<int>((skip + e1 - 1) >> bs_shift) - col0 + 1 : 0;
-  split_heads(p, s, h, col0, ncols, k_heads, v_heads, tid, kThreads);
+  split_cols(p, s, col0, ncols, cols, tid, kThreads);
   __syncthreads();
-  const Split sp{k_heads, v_heads, col0, bs_shift, bmask, static_cast<int>(plen), static_cast<int>(skip)};
+  const SplitCols heads{static_cast<uint32_t>(__cvta_generic_to_shared(cols)), &p.k, &p.v, h * p.k.L.head_bytes,
+                        h * p.v.L.head_bytes};
+  const Split<SplitCols> sp{heads, col0, bs_shift, bmask, static_cast<int>(plen), static_cast<int>(skip)};
   const int lo_r[2] = {row_lo[2 * c], row_lo[2 * c + 1]}, hi_r[2] = {row_hi[2 * c], row_hi[2 * c + 1]};
   // Each warp takes a contiguous run of 16-token steps aligned to positions that are multiples of 16,
   // so a whole step lies in one block (and one key group).
@@ -320,20 +355,14 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   uint32_t kw[2][KW], vw[4][kFold ? NC : VW], vm[4][kFold ? NC : 1];
   float ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};  // kTS: scales of tokens g, g + 8
   // A step's page-head pair (null when not fast: not whole in the warp's range or in one existing block).
-  // The head tables read through 32-bit shared addresses taken once (indexed through the arrays, every
-  // step recomputed their shared window address, S2R SR_CgaCtaId included).
-  const uint32_t kheads_s = static_cast<uint32_t>(__cvta_generic_to_shared(k_heads));
-  const uint32_t vheads_s = static_cast<uint32_t>(__cvta_generic_to_shared(v_heads));
+  // The column table reads through a 32-bit shared address taken once (indexed through the array, every
+  // step recomputed its shared window address, S2R SR_CgaCtaId included).
   const auto step_heads = [&](int st, const uint8_t*& kh, const uint8_t*& vh, int& off0) {
     const int pos0 = isk + st;
     const int scol = (pos0 >> bs_shift) - col0;
     off0 = pos0 & bmask;
     kh = vh = nullptr;
-    if (st >= wlo && st + kStep <= lim && st + kStep <= plen) {
-      kh = lds_ptr(kheads_s + 8 * scol);
-      vh = lds_ptr(vheads_s + 8 * scol);
-      if (kh == nullptr || vh == nullptr) kh = vh = nullptr;
-    }
+    if (st >= wlo && st + kStep <= lim && st + kStep <= plen) heads.get(scol, kh, vh);
   };
   uint8_t* const wstage = stages + warp * NS * SG::kBytes;
   // Step st's key group needs its (scale, zero) words (kFold): the first step of a group or of the
@@ -874,6 +903,10 @@ struct Formats {
 
 bool attention_decode_supported(const AttentionParams& p) {
   if (!attention_mma_supported(p) || p.rows() > kRows || p.k.layout.block_size < 16) return false;
+  // SplitCols packs (chunk, block in chunk) into 32 bits; keys and values share the block numbering.
+  if (p.k.blocks_per_chunk != p.v.blocks_per_chunk || p.k.blocks_per_chunk >= (1 << kColShift) ||
+      std::max(p.k.num_chunks, p.v.num_chunks) > (1 << (32 - kColShift)))
+    return false;
   const Format f = p.k.layout.format;
   const bool pass = ((f == Format::kBF16 && p.dtype == DType::kBF16) || (f == Format::kFP16 && p.dtype == DType::kF16)) &&
                     p.head_dim() <= 128;

@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(D, FD)) attention_mma_
   const int ncols = len > 0 ? static_cast<int>((skip + e1 - 1) >> bs_shift) - col0 + 1 : 0;
   split_heads(p, s, h, col0, ncols, k_heads, v_heads, tid, kThreads);
   __syncthreads();
-  const Split sp{k_heads, v_heads, col0, bs_shift, (1 << bs_shift) - 1, static_cast<int>(plen),
+  const Split<HeadPtrs> sp{{k_heads, v_heads}, col0, bs_shift, (1 << bs_shift) - 1, static_cast<int>(plen),
                  static_cast<int>(skip)};
   const int lo0 = row_lo[g], hi0 = row_hi[g], lo1 = row_lo[g + 8], hi1 = row_hi[g + 8];
   // Each warp takes a contiguous run of 16-token steps. Fast feeds align the steps to positions that

@@ -205,9 +205,20 @@ struct Tok {
   bool tail, ok;        // ok: in this warp's range and backed by storage
 };
 
+// Split columns as two arrays of page-head pointers (null: block outside the pages), split_heads'.
+struct HeadPtrs {
+  const uint8_t* const* k;
+  const uint8_t* const* v;
+  __device__ __forceinline__ void get(int col, const uint8_t*& kh, const uint8_t*& vh) const {
+    kh = k[col];
+    vh = v[col];
+  }
+};
+
+// The entries of one split: Heads::get(col, kh, vh) gives column col's page heads (col counted from col0).
+template <class Heads>
 struct Split {
-  const uint8_t* const* k_heads;  // per split column from col0 (null: block outside the pages)
-  const uint8_t* const* v_heads;
+  Heads heads;
   int col0, bs_shift, bmask, iplen, iskip;
   // Entry e's key (and, with v != nullptr, value) location: one lookup serves both, since a block
   // exists for keys exactly when it does for values.
@@ -219,12 +230,14 @@ struct Split {
         t.off = e - iplen;
       } else {
         const int pos = iskip + e, col = (pos >> bs_shift) - col0;
+        const uint8_t *kh, *vh;
+        heads.get(col, kh, vh);
         t.off = pos & bmask;
-        t.head = k_heads[col];
-        t.ok = t.head != nullptr;
+        t.head = kh;
+        t.ok = kh != nullptr;
         if (v != nullptr) {
           *v = t;
-          v->head = v_heads[col];
+          v->head = vh;
         }
         return t;
       }
