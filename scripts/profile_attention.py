@@ -12,8 +12,7 @@ import argparse
 
 import torch
 
-from pagedkv.bench.attention import SHAPES, Pages
-from pagedkv.config import GROUPED
+from pagedkv.bench.attention import SHAPES, Pages, default_block
 
 
 def main() -> None:
@@ -28,7 +27,7 @@ def main() -> None:
     hq, hkv, d = SHAPES[a.shape]
     q = torch.randn(a.batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(a.batch, hkv, a.context, d, device="cuda", dtype=torch.bfloat16)
-    pages = Pages(k, k, a.fmt, 64 if a.fmt in GROUPED else 16)
+    pages = Pages(k, k, a.fmt, default_block(a.fmt))
     del k
     for _ in range(3):
         pages(q)

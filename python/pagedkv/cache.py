@@ -123,7 +123,7 @@ class PagedKVCache(Cache):
         Per-layer formats: a list (one entry per layer) or a mapping ``{layer: fmt}``; each entry is a
         format name or a ``(key_format, value_format)`` pair.
     block_size:
-        Tokens per page (a multiple of 16). Defaults to 64 when a grouped format is used, else 16.
+        Tokens per page (a multiple of 16). Defaults to 64 (``pagedkv.config.DEFAULT_BLOCK_SIZE``).
     residual_length:
         Newest tokens kept in full precision (only with grouped formats; default 128). Keys are quantized
         per channel over whole groups of ``key_group_size`` tokens once they leave this window.

@@ -28,6 +28,10 @@ DEFAULT_KEY_GROUP = {"int4": 64, "int2": 32, "nf4": 64}
 DEFAULT_VALUE_GROUP = {"int4": 64, "int2": 64, "nf4": 64}
 #: Newest tokens kept in full precision when any layer uses a grouped format.
 DEFAULT_RESIDUAL_LENGTH = 128
+#: Tokens per page when the caller gives none. 64 for every format: on the H100 the decode kernel reads
+#: 64-token pages as fast as 16-token ones or faster (int8 at batch 8 / 32k: 1.70x SDPA against 1.61x;
+#: benchmarks/RESULTS.md, "Decode kernel, session 15"); shared prefixes are reused in whole pages.
+DEFAULT_BLOCK_SIZE = 64
 
 KVFormat = str
 

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from pagedkv import _C
-from pagedkv.config import DEFAULT_RESIDUAL_LENGTH, GROUPED, KEY, VALUE, group_for, resolve_layer_formats
+from pagedkv.config import (DEFAULT_BLOCK_SIZE, DEFAULT_RESIDUAL_LENGTH, GROUPED, KEY, VALUE, group_for,
+                            resolve_layer_formats)
 from pagedkv.storage import GroupStorage, LayerPages
 
 EVICTION_POLICIES = ("lru", "lfu", "priority")
@@ -183,7 +184,7 @@ class KVStore:
         grouped = any(f.grouped for f in formats)
         grouped_keys = any(f.key in GROUPED for f in formats)
         if block_size is None:
-            block_size = 64 if grouped else 16
+            block_size = DEFAULT_BLOCK_SIZE
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 or block_size % 16:
             raise ValueError(f"block_size must be a positive multiple of 16, got {block_size!r}")
         if residual_length is None:

@@ -92,10 +92,11 @@ def test_failure_inside_a_chunk_rolls_that_chunk_back(llama, fmt):
 
 def test_budget_exhaustion_mid_prefill_rolls_back(llama):
     ids = _prompt(256)
-    probe = pagedkv.PagedKVCache(llama.config, "fp32")
+    probe = pagedkv.PagedKVCache(llama.config, "fp32", block_size=16)
     pagedkv.prefill(llama, ids[:, :16], probe)
     per_block = probe._groups[0].pool.bytes_per_block
-    cache = pagedkv.PagedKVCache(llama.config, "fp32", max_memory_bytes=10 * per_block, blocks_per_chunk=1)
+    cache = pagedkv.PagedKVCache(llama.config, "fp32", max_memory_bytes=10 * per_block, blocks_per_chunk=1,
+                                 block_size=16)
     with pytest.raises(pagedkv.BudgetExhaustedError):
         pagedkv.prefill(llama, ids, cache, chunk_size=64)
     assert cache.get_seq_length() == 128  # chunks 0-1 fit (8 blocks of 16); chunk 2 was rolled back

@@ -235,7 +235,7 @@ def test_generate_with_a_prefix_hit_equals_generate_without(arch):
     model = tiny_model(arch, dtype=torch.float32)
     g = torch.Generator().manual_seed(3)
     system = torch.randint(0, 256, (1, 70), generator=g)
-    store = pagedkv.KVStore(model.config, "bf16", prefix_caching=True)
+    store = pagedkv.KVStore(model.config, "bf16", prefix_caching=True, block_size=16)
     outs, stats = [], []
     for i in range(3):
         ids = torch.cat([system, torch.randint(0, 256, (1, 9), generator=g)], 1)

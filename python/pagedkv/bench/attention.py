@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pagedkv import ops
 from pagedkv.bench.common import environment, markdown_table, write_json
 from pagedkv.bench.timing import copy_bandwidth_gbs, median_time_us, plot_lines, stream_time_us
-from pagedkv.config import FORMATS, GROUPED, KEY, VALUE, group_for, layout
+from pagedkv.config import DEFAULT_BLOCK_SIZE, FORMATS, KEY, VALUE, group_for, layout
 
 SHAPES = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64)}
 ALL_FORMATS = ["bf16", "fp8_e4m3", "int8", "nf4", "int4", "int2"]
@@ -27,7 +27,7 @@ ALL_FORMATS = ["bf16", "fp8_e4m3", "int8", "nf4", "int4", "int2"]
 
 def default_block(fmt: str) -> int:
     """PagedKVCache's default tokens per page for a format."""
-    return 64 if fmt in GROUPED else 16
+    return DEFAULT_BLOCK_SIZE
 
 
 class Pages:
@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contexts", nargs="+", type=int, default=None)
     ap.add_argument("--formats", nargs="+", default=ALL_FORMATS, choices=list(FORMATS))
     ap.add_argument("--block-sizes", nargs="+", type=int, default=None,
-                    help="tokens per page, each format measured at each (default: the cache's, 64 for grouped formats "
-                         "else 16)")
+                    help="tokens per page, each format measured at each (default: the cache's, 64)")
     ap.add_argument("--max-tokens", type=int, default=None, help="skip batch x context above this")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (timings on 2 cores are noise otherwise)")

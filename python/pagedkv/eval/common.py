@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from pagedkv import PagedKVCache, data
-from pagedkv.config import FORMATS, GROUPED, KEY, VALUE, group_for, layout
+from pagedkv.config import DEFAULT_BLOCK_SIZE, FORMATS, KEY, VALUE, group_for, layout
 
 RIVALS = ["quanto-4", "quanto-2", "hf-fp8"]
 
@@ -62,7 +62,7 @@ def bits_per_element(method: str, model: Any, key_group: int | None = None, valu
         return nbits + 2 * 16 / 64  # quanto's default: group 64 with a scale and a shift per group (nominal)
     if method == "hf-fp8":
         return 8.0
-    block = 64 if method in GROUPED else 16
+    block = DEFAULT_BLOCK_SIZE
     kg = group_for(method, KEY, head_dim, key_group, value_group, block)
     vg = group_for(method, VALUE, head_dim, key_group, value_group, block)
     k = layout(method, KEY, heads, head_dim, block, kg)["bits_per_element"]
