@@ -457,20 +457,33 @@ void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, i
     // Several waves, so the last one is short; the tensor-core kernel aims at whole waves of its
     // resident blocks (2 or 3 per SM) and rounds the splits down, so the grid never spills a few
     // blocks into an extra wave (b8 x 8 heads at 2 per SM: 1024 blocks in 4 waves, not 1088 in 5).
-    // The decode kernel aims at one wave: measured faster than two at batch 1 and 8 (H100, int4 at
-    // 32k: batch 1 64 splits 73 us against 128 splits 88; batch 8 8 splits 236 against 16 243;
-    // scripts/split_sweep.py, benchmarks/RESULTS.md).
     int64_t target = (mma ? 8 : 4) * static_cast<int64_t>(num_sms);
-    if (mma) {
-      const bool decode = attention_decode_supported(p);
-      const int per_sm = decode ? attention_decode_blocks_per_sm(p) : attention_mma_blocks_per_sm(p);
-      const int64_t wave = static_cast<int64_t>(per_sm) * num_sms;
-      target = decode ? wave : (target + wave - 1) / wave * wave;
+    const int64_t max_splits = std::max<int64_t>(1, n / 256);
+    if (mma && attention_decode_supported(p)) {
+      // The decode kernel: the split count whose grid fills its waves best, one wave preferred (each
+      // further wave must fill 5% more): one wave measured faster than two at batch 1 and 8 (H100,
+      // int4 at 32k: batch 1 64 splits 73 us against 128 splits 88; batch 8 8 splits 236 against 16
+      // 243; scripts/split_sweep.py), but batch 32 x 8 heads in one split fills 65% of a wave and
+      // int4 / int2, latency-bound, lost 11-21% there (benchmarks/RESULTS.md, session 15).
+      const int64_t wave = static_cast<int64_t>(attention_decode_blocks_per_sm(p)) * num_sms;
+      double best = -1.0;
+      splits = 1;
+      for (int64_t s = 1; s <= std::min(max_splits, 4 * wave / base + 1); ++s) {
+        const int64_t waves = (base * s + wave - 1) / wave;
+        const double score = static_cast<double>(base * s) / static_cast<double>(waves * wave) - 0.05 * (waves - 1);
+        if (score > best + 1e-9) {
+          best = score;
+          splits = s;
+        }
+      }
+    } else if (mma) {
+      const int64_t wave = static_cast<int64_t>(attention_mma_blocks_per_sm(p)) * num_sms;
+      target = (target + wave - 1) / wave * wave;
       splits = std::max<int64_t>(1, target / base);
     } else {
       splits = std::max<int64_t>(1, (target + base - 1) / base);
     }
-    splits = std::min(splits, std::max<int64_t>(1, n / 256));
+    splits = std::min(splits, max_splits);
   }
   int64_t split = (n + splits - 1) / splits;
   split = (split + 15) / 16 * 16;
