@@ -55,7 +55,8 @@ __device__ __forceinline__ uint32_t lds_u32(uint32_t a) {
 // The split's block-table columns, 4 bytes each in shared memory: (chunk << kColShift) | block in
 // chunk, kNoCol where the block is outside the pages. Page-head pointers for keys and values would
 // take 16 bytes a column; at 4 a split spans kDecodeSplitCols columns, so 16-token blocks get the
-// same one-wave split plans as 64-token ones (8192 tokens a split; 2048 with pointers).
+// same one-wave split plans as 64-token ones (up to 8288 tokens a split at 16-token blocks, 2048 with
+// pointers).
 constexpr uint32_t kNoCol = 0xffffffffu;
 constexpr int kColShift = 22;  // blocks per chunk < 2^22, chunks < 2^10 (attention_decode_supported)
 struct SplitCols {
