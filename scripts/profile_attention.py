@@ -12,7 +12,8 @@ import argparse
 
 import torch
 
-from pagedkv.bench.attention import SHAPES, Pages, default_block
+from pagedkv.bench.attention import SHAPES, Pages
+from pagedkv.config import DEFAULT_BLOCK_SIZE
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     hq, hkv, d = SHAPES[a.shape]
     q = torch.randn(a.batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(a.batch, hkv, a.context, d, device="cuda", dtype=torch.bfloat16)
-    pages = Pages(k, k, a.fmt, default_block(a.fmt))
+    pages = Pages(k, k, a.fmt, DEFAULT_BLOCK_SIZE)
     del k
     for _ in range(3):
         pages(q)

@@ -12,9 +12,9 @@ import argparse
 import torch
 
 from pagedkv import ops
-from pagedkv.bench.attention import SHAPES, Pages, default_block
+from pagedkv.bench.attention import SHAPES, Pages
 from pagedkv.bench.timing import stream_time_us
-from pagedkv.config import FORMATS
+from pagedkv.config import DEFAULT_BLOCK_SIZE, FORMATS
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
             q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16)
             k = torch.randn(b, hkv, n, d, device=dev, dtype=torch.bfloat16)
             for fmt in a.fmt:
-                p = Pages(k, k, fmt, a.block_size or default_block(fmt))
+                p = Pages(k, k, fmt, a.block_size or DEFAULT_BLOCK_SIZE)
                 f = FORMATS[fmt]
                 row = []
                 for s in a.splits:

@@ -25,11 +25,6 @@ SHAPES = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64)}
 ALL_FORMATS = ["bf16", "fp8_e4m3", "int8", "nf4", "int4", "int2"]
 
 
-def default_block(fmt: str) -> int:
-    """PagedKVCache's default tokens per page for a format."""
-    return DEFAULT_BLOCK_SIZE
-
-
 class Pages:
     """Keys/values of ``batch`` sequences of ``ctx`` tokens in shuffled blocks of one format."""
 
@@ -118,17 +113,16 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([shape, b, n, name, f"{sdpa_us:.1f}", "1.00"] + ([f"{sdpa_st:.1f}", "1.00"] if gpu else [])
                             + [f"{rec['gbs']:.0f}", f"{100 * rec['gbs'] / copy_bw:.0f}%"])
                 ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
-                for fmt, bs in [(f, bs) for f in args.formats for bs in (args.block_sizes or [default_block(f)])]:
+                for fmt, bs in [(f, bs) for f in args.formats for bs in (args.block_sizes or [DEFAULT_BLOCK_SIZE])]:
                     method = fmt if args.block_sizes is None else f"{fmt} bs{bs}"
                     pages = Pages(k, v, fmt, bs)
-                    qq = q if gpu else q
-                    out = pages(qq)
+                    out = pages(q)
                     err = (out.transpose(1, 2).float() - ref).abs().max().item()
-                    us = median_time_us(lambda: pages(qq), dev, reps=args.reps)
-                    st = stream_time_us(lambda: pages(qq), dev, reps=args.reps) if gpu else us
-                    rec = dict(shape=shape, batch=b, context=n, method=method, block_size=bs, us=us, speedup=sdpa_us / us, us_stream=st,
-                               speedup_stream=sdpa_st / st, gbs=pages.bytes / st / 1e3, bytes=pages.bytes,
-                               max_abs_err_vs_dense=err)
+                    us = median_time_us(lambda: pages(q), dev, reps=args.reps)
+                    st = stream_time_us(lambda: pages(q), dev, reps=args.reps) if gpu else us
+                    rec = dict(shape=shape, batch=b, context=n, method=method, block_size=bs, us=us,
+                               speedup=sdpa_us / us, us_stream=st, speedup_stream=sdpa_st / st,
+                               gbs=pages.bytes / st / 1e3, bytes=pages.bytes, max_abs_err_vs_dense=err)
                     records.append(rec)
                     panel.setdefault(method, []).append((n, st))
                     rows.append([shape, b, n, method, f"{us:.1f}", f"{sdpa_us / us:.2f}"]
