@@ -156,7 +156,8 @@ def test_extension_messages_avoid_ostream():
         if f.suffix not in {".h", ".cpp", ".cu", ".cuh"}:
             continue
         for i, line in enumerate(f.read_text().splitlines(), 1):
-            if any(k in line for k in ("<sstream>", "<iostream>", "ostringstream", "std::cout", "std::cerr", "c10::str(")):
+            if any(k in line for k in ("<sstream>", "<iostream>", "ostringstream", "std::cout", "std::cerr",
+                                       "c10::str(")):
                 bad.append(f"{f.relative_to(root)}:{i}: {line.strip()}")
             if "TORCH_CHECK" in line and not line.startswith("#define PKV_CHECK_"):
                 bad.append(f"{f.relative_to(root)}:{i}: {line.strip()}")
