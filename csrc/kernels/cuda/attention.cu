@@ -448,6 +448,7 @@ bool use_mma(const AttentionParams& p) { return fast_path(p) && attention_mma_su
 
 void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, int64_t forced_splits) {
   const bool mma = use_mma(p);
+  const bool decode = mma && attention_decode_supported(p);  // the launcher's choice (paged_attention_cuda)
   const int R = mma ? kMmaRows : rows_per_block(p);
   const int64_t row_tiles = (p.rows() + R - 1) / R;
   const int64_t base = std::max<int64_t>(1, p.num_seqs * p.num_kv_heads() * row_tiles);
@@ -459,7 +460,7 @@ void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, i
     // blocks into an extra wave (b8 x 8 heads at 2 per SM: 1024 blocks in 4 waves, not 1088 in 5).
     int64_t target = (mma ? 8 : 4) * static_cast<int64_t>(num_sms);
     const int64_t max_splits = std::max<int64_t>(1, n / 256);
-    if (mma && attention_decode_supported(p)) {
+    if (decode) {
       // The decode kernel: the split count whose grid fills its waves best, one wave preferred (each
       // further wave must fill 5% more): one wave measured faster than two at batch 1 and 8 (H100,
       // int4 at 32k: batch 1 64 splits 73 us against 128 splits 88; batch 8 8 splits 236 against 16
@@ -491,7 +492,7 @@ void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, i
     // The split's block addresses live in shared memory (kMaxSplitBlocks columns, kDecodeSplitCols for
     // the decode kernel; a split may start mid-block); the CUDA-core kernel also keeps the split's
     // scores there.
-    const int cols = mma && attention_decode_supported(p) ? kDecodeSplitCols : kMaxSplitBlocks;
+    const int cols = decode ? kDecodeSplitCols : kMaxSplitBlocks;
     split = std::min<int64_t>(split, (cols - 2) * p.k.layout.block_size);
     if (!mma) split = std::min<int64_t>(split, max_split(R));
   }
