@@ -378,6 +378,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const __grid_const
   __shared__ float red[kMergeThreads / 32];
   const int gr = blockIdx.x, h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
   const int D = p.k.L.head_dim, ns = static_cast<int>(p.num_splits);
+  grid_dependency_wait();  // launched programmatically: the partials are complete and visible after this
   const int64_t base0 = (static_cast<int64_t>(s) * p.H + h) * p.num_splits;
   const float* ml = p.pml + (base0 * p.rows + gr) * 2;  // split k at ml[2 k rows]
   const int64_t mstride = 2 * static_cast<int64_t>(p.rows);
@@ -561,9 +562,9 @@ cudaError_t paged_attention_cuda(const AttentionParams& p, const void* query, cu
     attention_generic_kernel<<<static_cast<unsigned>((total + 127) / 128), 128, 0, stream>>>(k);
     PKV_CUDA_TRY(cudaGetLastError());
   }
+  // The merge is launched programmatically: its launch overlaps the attention kernel's last blocks.
   const size_t merge_smem = sizeof(float) * static_cast<size_t>(std::min<int64_t>(k.num_splits, kMaxSplits));
-  merge_kernel<<<dim3(k.rows, k.H, k.B), kMergeThreads, merge_smem, stream>>>(k);
-  return cudaGetLastError();
+  return launch_programmatic(merge_kernel, dim3(k.rows, k.H, k.B), dim3(kMergeThreads), merge_smem, stream, k);
 }
 
 }  // namespace pagedkv

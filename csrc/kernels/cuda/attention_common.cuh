@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "cuda/attention_cuda.h"
@@ -68,6 +69,56 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Programmatic dependent launch (Hopper and later; no-ops below): a kernel launched with the
+// programmatic stream serialization attribute may start while the kernel before it finishes, and
+// waits for that kernel's completion and memory in grid_dependency_wait; grid_dependents_launch lets
+// the next such kernel start before this one's blocks exit.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(PAGEDKV_NO_PDL)
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(PAGEDKV_NO_PDL)
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// Whether the current device takes programmatic launches (compute capability >= 9), cached per device.
+inline bool programmatic_launch_supported() {
+#ifdef PAGEDKV_NO_PDL
+  return false;
+#else
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};  // 0: unknown, 1: no, 2: yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
+  int known = cached[dev].load(std::memory_order_relaxed);
+  if (known == 0) {
+    int major = 0;
+    known = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 ? 2 : 1;
+    cached[dev].store(known, std::memory_order_relaxed);
+  }
+  return known == 2;
+#endif
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(k), programmatically where the device takes it.
+template <typename Kernel>
+inline cudaError_t launch_programmatic(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                       const KParams& k) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = programmatic_launch_supported() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, k);
+}
+
 __device__ __forceinline__ float round_to(float x, DType dt) {
   if (dt == DType::kBF16) return __bfloat162float(__float2bfloat16_rn(x));
   if (dt == DType::kF16) return __half2float(__float2half_rn(x));
@@ -94,6 +145,24 @@ __device__ __forceinline__ float query_at(const KParams& p, int s, int h, int gr
   return load_scalar(p.q, p.dtype, ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D + d);
 }
 
+// Channels [d0, d0 + 8) of query row gr as fp32: 8 independent loads (one round trip), the dtype
+// switched once.
+__device__ __forceinline__ void query8(const KParams& p, int s, int h, int gr, int D, int d0, float* x) {
+  const int t = gr / p.gqa, j = gr % p.gqa;
+  const int64_t i0 = ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D + d0;
+  if (p.dtype == DType::kF32) {
+    const float* q = static_cast<const float*>(p.q) + i0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i] = q[i];
+  } else {
+    const uint16_t* q = static_cast<const uint16_t*>(p.q) + i0;
+    uint16_t u[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) u[i] = q[i];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i] = p.dtype == DType::kBF16 ? __uint_as_float(static_cast<uint32_t>(u[i]) << 16) : h2f(u[i]);
+  }
+}
 
 // Entries [lo, hi] query row gr may attend in a sequence of n entries: causal inside the query
 // chunk (its token t sits at entry n - Lq + t), limited to the window when there is one.

@@ -87,6 +87,14 @@ __device__ __forceinline__ void split_cols(const KParams& p, int s, int col0, in
   }
 }
 
+#ifdef PAGEDKV_CTA_TIMES
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#endif
+
 __device__ __forceinline__ float exp2_approx(float x) {  // exp2f without its subnormal range fix-ups
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -210,9 +218,22 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 
   const int split = blockIdx.x, h = blockIdx.y, s = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+#ifdef PAGEDKV_CTA_TIMES  // experiments (scripts/cta_times.py): each warp prints its timeline
+  const uint64_t t_launch = global_ns();
+#endif
+  grid_dependency_wait();  // launched programmatically: what the kernels before wrote is visible from here
+#ifdef PAGEDKV_CTA_TIMES
+  const uint64_t t_start = global_ns();
+#endif
   const int64_t plen = p.lens[s];
   const int64_t skip = p.skip ? p.skip[s] : 0;
   const int64_t n = plen + p.tail_len;
+  // The block-table columns of the whole split (it lies within them whatever the sequence's length
+  // and the rows' windows), so their loads need no length and overlap the query's.
+  const int bs_shift = __ffs(p.k.L.block_size) - 1, bmask = (1 << bs_shift) - 1;
+  const int col0 = static_cast<int>((skip + split * p.split_tokens) >> bs_shift);
+  split_cols(p, s, col0, static_cast<int>((skip + (split + 1) * p.split_tokens - 1) >> bs_shift) - col0 + 1, cols, tid,
+             kThreads);
   if (tid < kRows) {
     int lo = INT_MAX, hi = -1;  // rows past p.rows (padding) attend nothing
     if (tid < p.rows) {
@@ -224,24 +245,31 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     row_lo[tid] = lo;
     row_hi[tid] = hi;
   }
+  // The query rows as fp32 (stride D), in the stages before the first copy: each thread loads 8
+  // channels of a row at once, one round trip (element-wise loads in the fill loops took one each,
+  // about 6 of the prologue's 6-9 µs at batch 8: scripts/cta_times.py).
+  float* const qrow = so;
+  for (int idx = tid; idx < kRows * D / 8; idx += kThreads) {
+    const int r = idx / (D / 8), d0 = 8 * (idx % (D / 8));
+    float x[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (r < p.rows) query8(p, s, h, r, D, d0, x);
+    *reinterpret_cast<float4*>(qrow + r * D + d0) = make_float4(x[0], x[1], x[2], x[3]);
+    *reinterpret_cast<float4*>(qrow + r * D + d0 + 4) = make_float4(x[4], x[5], x[6], x[7]);
+  }
+  __syncthreads();
   for (int idx = tid; idx < KS * 32; idx += kThreads) {
     const int kk = idx >> 5, r = (idx & 31) >> 2, base = (idx & 3) * LK;
-    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (r < p.rows) {
+    float x[4];
 #pragma unroll
-      for (int sl = 0; sl < 4; ++sl) x[sl] = query_at(p, s, h, r, D, base + key_channel<FD, PW>(kk, sl));
-    }
+    for (int sl = 0; sl < 4; ++sl) x[sl] = qrow[r * D + base + key_channel<FD, PW>(kk, sl)];
     sq[idx] = make_uint2(pack2<TK>(x[0], x[1]), pack2<TK>(x[2], x[3]));
   }
-  // fp32 query rows: kFold's in sqf (row stride QS, odd channels divided by HIK: see refold); kI8's in
-  // qrow, the stages before the first copy (stride D).
-  float* const qrow = so;
-  if constexpr (kFold || kI8) {
-    float* const qdst = kFold ? sqf : qrow;
-    constexpr int stride = kFold ? QS : D;
+  // kFold: the fp32 rows again in sqf (row stride QS, odd channels divided by HIK: see refold); kI8
+  // reads qrow until the first copy.
+  if constexpr (kFold) {
     for (int idx = tid; idx < kRows * D; idx += kThreads) {
       const int r = idx / D, d = idx % D;
-      qdst[r * stride + d] = r < p.rows ? query_at(p, s, h, r, D, d) * (d & 1 ? 1.0f / HIK : 1.0f) : 0.0f;
+      sqf[r * QS + d] = qrow[idx] * (d & 1 ? 1.0f / HIK : 1.0f);
     }
   }
   __syncthreads();
@@ -322,11 +350,6 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   const int64_t len = max(e1 - e0, static_cast<int64_t>(0));
   const uint8_t* mask = p.mask ? p.mask + s * p.mask_stride + p.mask_offset : nullptr;
   const int mask_n = static_cast<int>(min(p.mask_len - p.mask_offset, static_cast<int64_t>(1) << 30));
-  const int bs_shift = __ffs(p.k.L.block_size) - 1, bmask = (1 << bs_shift) - 1;
-  const int col0 = static_cast<int>((skip + e0) >> bs_shift);
-  const int ncols = len > 0 ? static_cast<int>((skip + e1 - 1) >> bs_shift) - col0 + 1 : 0;
-  split_cols(p, s, col0, ncols, cols, tid, kThreads);
-  __syncthreads();
   const SplitCols heads{static_cast<uint32_t>(__cvta_generic_to_shared(cols)), &p.k, &p.v, h * p.k.L.head_bytes,
                         h * p.v.L.head_bytes};
   const Split<SplitCols> sp{heads, col0, bs_shift, bmask, static_cast<int>(plen), static_cast<int>(skip)};
@@ -590,6 +613,9 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #pragma unroll
   for (int i = 0; i + 1 < NS; ++i) stage_flags |= copy_step(w0 + i * kStep, i) << (2 * i);
   int slot = 0;  // step st's stage
+#ifdef PAGEDKV_CTA_TIMES
+  const uint64_t t_loop = global_ns();
+#endif
   for (int st = w0; st < lim; st += kStep) {
     const uint32_t flags = stage_flags >> (2 * slot);
     const bool fast = flags & 1;
@@ -820,6 +846,10 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     }
     slot = slot + 1 == NS ? 0 : slot + 1;
   }
+#ifdef PAGEDKV_CTA_TIMES
+  const uint64_t t_loop_end = global_ns();
+#endif
+  grid_dependents_launch();  // the merge's blocks may take the SM slots of finished ones from here
   cp_async_wait<0>();
   __syncthreads();  // the accumulators reuse the stages of every warp
 
@@ -867,6 +897,16 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   }
   __syncthreads();
   store_split_partial<kWarps, kRows>(p, so, sml, s, h, split, 0, D);
+#ifdef PAGEDKV_CTA_TIMES
+  __syncthreads();
+  if (lane == 0) {
+    uint32_t sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    printf("CTA %d %d %d %d %u %llu %llu %llu %llu %llu %d\n", split, h, s, warp, sm, (unsigned long long)t_launch,
+           (unsigned long long)t_start, (unsigned long long)t_loop, (unsigned long long)t_loop_end,
+           (unsigned long long)global_ns(), lim - w0);
+  }
+#endif
 }
 
 template <int D, Format F, typename T, Feed FD>
@@ -874,8 +914,7 @@ cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
   const size_t smem = Stage<D, F>::kSmem;
   PKV_CUDA_TRY(cudaFuncSetAttribute(attention_decode_kernel<D, F, T, FD>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  attention_decode_kernel<D, F, T, FD><<<grid, kThreads, smem, stream>>>(k);
-  return cudaGetLastError();
+  return launch_programmatic(attention_decode_kernel<D, F, T, FD>, grid, dim3(kThreads), smem, stream, k);
 }
 
 template <int D, typename T>
