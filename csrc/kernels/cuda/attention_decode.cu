@@ -245,93 +245,36 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     row_lo[tid] = lo;
     row_hi[tid] = hi;
   }
-  // The query rows as fp32 (stride D), in the stages before the first copy: each thread loads 8
-  // channels of a row at once, one round trip (element-wise loads in the fill loops took one each,
-  // about 6 of the prologue's 6-9 µs at batch 8: scripts/cta_times.py).
-  float* const qrow = so;
+  // The query rows as fp32, loaded 8 channels of a row a thread at once, one round trip (element-wise
+  // loads took one each). kFold: in sqf (row stride QS, odd channels divided by HIK: see refold);
+  // else in qrow (stride D), warp 0's last stage, which its first step's copy refills (so the first
+  // copies may be in flight while the query fragments are made).
+  float* const qrow = reinterpret_cast<float*>(stages + (NS - 1) * SG::kBytes);
+  static_assert(kFold || SG::kBytes >= 4 * kRows * D, "qrow fits one stage");
+  constexpr int QST = kFold ? QS : D;
+  float* const qdst = kFold ? sqf : qrow;
   for (int idx = tid; idx < kRows * D / 8; idx += kThreads) {
     const int r = idx / (D / 8), d0 = 8 * (idx % (D / 8));
     float x[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     if (r < p.rows) query8(p, s, h, r, D, d0, x);
-    *reinterpret_cast<float4*>(qrow + r * D + d0) = make_float4(x[0], x[1], x[2], x[3]);
-    *reinterpret_cast<float4*>(qrow + r * D + d0 + 4) = make_float4(x[4], x[5], x[6], x[7]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qdst[r * QST + d0 + i] = x[i] * (kFold && i % 2 ? 1.0f / HIK : 1.0f);
   }
   __syncthreads();
   for (int idx = tid; idx < KS * 32; idx += kThreads) {
     const int kk = idx >> 5, r = (idx & 31) >> 2, base = (idx & 3) * LK;
     float x[4];
 #pragma unroll
-    for (int sl = 0; sl < 4; ++sl) x[sl] = qrow[r * D + base + key_channel<FD, PW>(kk, sl)];
+    for (int sl = 0; sl < 4; ++sl) {
+      const int ch = base + key_channel<FD, PW>(kk, sl);
+      x[sl] = qdst[r * QST + ch] * (kFold && ch % 2 ? static_cast<float>(HIK) : 1.0f);  // exact: HIK is a power of two
+    }
     sq[idx] = make_uint2(pack2<TK>(x[0], x[1]), pack2<TK>(x[2], x[3]));
   }
-  // kFold: the fp32 rows again in sqf (row stride QS, odd channels divided by HIK: see refold); kI8
-  // reads qrow until the first copy.
-  if constexpr (kFold) {
-    for (int idx = tid; idx < kRows * D; idx += kThreads) {
-      const int r = idx / D, d = idx % D;
-      sqf[r * QS + d] = qrow[idx] * (d & 1 ? 1.0f / HIK : 1.0f);
-    }
-  }
   __syncthreads();
-  if constexpr (kI8) {
-    for (int r = warp; r < kRows; r += kWarps) {
-      float a = 0.0f;
-      bool bad = false;  // a NaN or infinite element: the row's scores become NaN, as the fp16 path gave
-#pragma unroll
-      for (int d = lane; d < D; d += 32) {
-        const float x = fabsf(qrow[r * D + d]);
-        a = fmaxf(a, x);
-        bad |= !(x <= FLT_MAX);
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-      if (__any_sync(0xffffffffu, bad)) a = INFINITY;
-      if (lane == 0) q_amax[r] = a;
-    }
-    __syncthreads();
-  }
-  // The lane's query fragments (row g): unfolded for 16- and 8-bit codes, q' = q * key scale for kFold
-  // (filled at the first fast step of each key group).
-  // kI8: qa[kk] (kk < KS / 2) holds the B fragments of the int8 mma's k-step kk (channels 32 kk ..
-  // 32 kk + 31 in order, as ldsm_x4 loads the keys) for q_hi = rint(q / s), s = max |q| / 127, and
-  // qa[KS / 2 + kk] those of q_lo = rint((q - s q_hi) / (s / 254)), so that q = s (q_hi + q_lo / 254)
-  // to 1 / 64516 of max |q|. ksc: s / 254 of rows 2c, 2c + 1, the integer score's factor (the score is
-  // s (hi + lo / 254)).
+  // The lane's query fragments (qa, ksc; made after the first copies are issued, below).
   uint32_t qa[KS][2];
   float ksc[2] = {0.0f, 0.0f};
-  if constexpr (kI8) {
-    const float amax = q_amax[g], sh = amax > 0.0f ? amax / 127.0f : 1.0f, inv_h = 1.0f / sh, inv_l = 254.0f / sh;
-#pragma unroll
-    for (int kk = 0; kk < KS / 2; ++kk) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        uint32_t hi = 0u, lo = 0u;
-        const float4 x4 = *reinterpret_cast<const float4*>(qrow + g * D + 32 * kk + 16 * half + 4 * c);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float x = j == 0 ? x4.x : j == 1 ? x4.y : j == 2 ? x4.z : x4.w;
-          const float qh = fminf(fmaxf(rintf(x * inv_h), -127.0f), 127.0f);
-          const float ql = fminf(fmaxf(rintf((x - qh * sh) * inv_l), -127.0f), 127.0f);
-          hi |= (static_cast<uint32_t>(static_cast<int>(qh)) & 0xffu) << (8 * j);
-          lo |= (static_cast<uint32_t>(static_cast<int>(ql)) & 0xffu) << (8 * j);
-        }
-        qa[kk][half] = hi;
-        qa[KS / 2 + kk][half] = lo;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float a = q_amax[2 * c + r];
-      ksc[r] = a == INFINITY ? NAN : (a > 0.0f ? a / 127.0f : 1.0f) / 254.0f;
-    }
-  } else {
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-      const uint2 u = sq[kk * 32 + lane];
-      qa[kk][0] = u.x;
-      qa[kk][1] = u.y;
-    }
-  }
   // kFold: per-row score offsets of the lane's rows 2c and 2c + 1, the folded zero minus the magic
   // offset's share (set with q').
   float kb[2] = {0.0f, 0.0f};
@@ -612,6 +555,64 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   uint32_t stage_flags = 0;  // copy_step's flags, 2 bits per stage
 #pragma unroll
   for (int i = 0; i + 1 < NS; ++i) stage_flags |= copy_step(w0 + i * kStep, i) << (2 * i);
+  if constexpr (kI8) {
+    for (int r = warp; r < kRows; r += kWarps) {
+      float a = 0.0f;
+      bool bad = false;  // a NaN or infinite element: the row's scores become NaN, as the fp16 path gave
+#pragma unroll
+      for (int d = lane; d < D; d += 32) {
+        const float x = fabsf(qrow[r * D + d]);
+        a = fmaxf(a, x);
+        bad |= !(x <= FLT_MAX);
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+      if (__any_sync(0xffffffffu, bad)) a = INFINITY;
+      if (lane == 0) q_amax[r] = a;
+    }
+    __syncthreads();
+  }
+  // The lane's query fragments (row g), made while those copies are in flight: unfolded for 16- and
+  // 8-bit codes, q' = q * key scale for kFold (filled at the first fast step of each key group).
+  // kI8: qa[kk] (kk < KS / 2) holds the B fragments of the int8 mma's k-step kk (channels 32 kk ..
+  // 32 kk + 31 in order, as ldsm_x4 loads the keys) for q_hi = rint(q / s), s = max |q| / 127, and
+  // qa[KS / 2 + kk] those of q_lo = rint((q - s q_hi) / (s / 254)), so that q = s (q_hi + q_lo / 254)
+  // to 1 / 64516 of max |q|. ksc: s / 254 of rows 2c, 2c + 1, the integer score's factor (the score is
+  // s (hi + lo / 254)).
+  if constexpr (kI8) {
+    const float amax = q_amax[g], sh = amax > 0.0f ? amax / 127.0f : 1.0f, inv_h = 1.0f / sh, inv_l = 254.0f / sh;
+#pragma unroll
+    for (int kk = 0; kk < KS / 2; ++kk) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        uint32_t hi = 0u, lo = 0u;
+        const float4 x4 = *reinterpret_cast<const float4*>(qrow + g * D + 32 * kk + 16 * half + 4 * c);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float x = j == 0 ? x4.x : j == 1 ? x4.y : j == 2 ? x4.z : x4.w;
+          const float qh = fminf(fmaxf(rintf(x * inv_h), -127.0f), 127.0f);
+          const float ql = fminf(fmaxf(rintf((x - qh * sh) * inv_l), -127.0f), 127.0f);
+          hi |= (static_cast<uint32_t>(static_cast<int>(qh)) & 0xffu) << (8 * j);
+          lo |= (static_cast<uint32_t>(static_cast<int>(ql)) & 0xffu) << (8 * j);
+        }
+        qa[kk][half] = hi;
+        qa[KS / 2 + kk][half] = lo;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float a = q_amax[2 * c + r];
+      ksc[r] = a == INFINITY ? NAN : (a > 0.0f ? a / 127.0f : 1.0f) / 254.0f;
+    }
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      const uint2 u = sq[kk * 32 + lane];
+      qa[kk][0] = u.x;
+      qa[kk][1] = u.y;
+    }
+  }
+  if constexpr (kI8) __syncthreads();  // every warp done with qrow before warp 0's first step refills it
   int slot = 0;  // step st's stage
 #ifdef PAGEDKV_CTA_TIMES
   const uint64_t t_loop = global_ns();
