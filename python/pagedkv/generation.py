@@ -224,6 +224,14 @@ class DecodeSteps:
             self.decoder = None
 
 
+def _generate_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache passed to ``generate``: ``past_key_values=``, which later transformers 5.x releases (5.24
+    here; not 5.17) rename ``cache=``, moving the old name to the new one before a custom decoding loop
+    sees the arguments."""
+    cache = kwargs.get("past_key_values")
+    return kwargs.get("cache") if cache is None else cache
+
+
 def graph_generate(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                    generation_config: Any, synced_gpus: bool = False, streamer: Any = None, **model_kwargs: Any
                    ) -> torch.Tensor:
@@ -234,9 +242,10 @@ def graph_generate(model: Any, input_ids: torch.Tensor, logits_processor: Any, s
     prepares the inputs, logits processors (temperature, top-k/p, ...) and stopping criteria (max
     length, EOS) as usual and hands them here. Beam search, assisted decoding and
     ``return_dict_in_generate`` are not covered (ValueError). Returns ``[batch, prompt + new]`` ids."""
-    cache = model_kwargs.get("past_key_values")
+    cache = _generate_cache(model_kwargs)
     if not isinstance(cache, PagedKVCache):
-        raise TypeError(f"graph_generate needs past_key_values=pagedkv.PagedKVCache(...), got {type(cache).__name__}")
+        raise TypeError(f"graph_generate needs past_key_values=pagedkv.PagedKVCache(...) (cache= in later "
+                        f"transformers 5.x releases), got {type(cache).__name__}")
     if getattr(generation_config, "num_beams", 1) > 1:
         raise ValueError(f"graph_generate decodes greedily or by sampling, not num_beams={generation_config.num_beams}")
     if getattr(generation_config, "return_dict_in_generate", False):
@@ -368,7 +377,8 @@ def generate(model: Any, input_ids: torch.Tensor, cache: PagedKVCache | KVStore 
 
 
 def enable_prefix_reuse(model: Any) -> Any:
-    """Make ``model.generate(input_ids, past_key_values=<PagedKVCache>, ...)`` reuse what the cache holds:
+    """Make ``model.generate(input_ids, past_key_values=<PagedKVCache>, ...)`` (or ``cache=``, its name
+    in later transformers 5.x releases) reuse what the cache holds:
     before generating, :meth:`PagedKVCache.prepare` keeps the longest reusable prefix (or attaches the
     longest cached one); afterwards the cache records the ids it holds and, with prefix caching,
     registers its blocks. Returns the model (patched in place, idempotent)."""
@@ -378,7 +388,7 @@ def enable_prefix_reuse(model: Any) -> Any:
 
     @functools.wraps(original)
     def generate_with_reuse(*args: Any, **kwargs: Any) -> Any:
-        cache = kwargs.get("past_key_values")
+        cache = _generate_cache(kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(cache, PagedKVCache) or not isinstance(ids, torch.Tensor):
             return original(*args, **kwargs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 import pagedkv
 from models import tiny_config, tiny_model
@@ -232,6 +233,12 @@ def test_graph_generate_refuses_what_it_does_not_cover():
                        max_new_tokens=3, custom_generate=pagedkv.graph_generate)
     with pytest.raises(TypeError, match="PagedKVCache"):
         model.generate(ids, max_new_tokens=3, custom_generate=pagedkv.graph_generate)
+    # The cache under either name (later transformers 5.x releases hand it over as cache=): found, so
+    # the refusal is about the beams.
+    config = GenerationConfig(num_beams=2, max_length=53)
+    for name in ("past_key_values", "cache"):
+        with pytest.raises(ValueError, match="num_beams=2"):
+            pagedkv.graph_generate(model, ids, [], [], config, **{name: pagedkv.PagedKVCache(model.config, "int4")})
 
 
 @pytest.mark.parametrize("where", ["flush", "layer"])
