@@ -267,7 +267,9 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #pragma unroll
     for (int sl = 0; sl < 4; ++sl) {
       const int ch = base + key_channel<FD, PW>(kk, sl);
-      x[sl] = qdst[r * QST + ch] * (kFold && ch % 2 ? static_cast<float>(HIK) : 1.0f);  // exact: HIK is a power of two
+      // kFold's odd channels times HIK again: exact (a power of two) for bf16 / fp16 queries, and for
+      // fp32 ones above 2^-122 in magnitude (below, the division lost low bits to the subnormal range).
+      x[sl] = qdst[r * QST + ch] * (kFold && ch % 2 ? static_cast<float>(HIK) : 1.0f);
     }
     sq[idx] = make_uint2(pack2<TK>(x[0], x[1]), pack2<TK>(x[2], x[3]));
   }
