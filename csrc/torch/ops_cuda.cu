@@ -1,6 +1,5 @@
 // CUDA implementations of the pagedkv ops: the same checks as on CPU (indices validated on the
 // host), then device pointers, the current stream, a device guard and a launch check.
-#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,7 +9,6 @@
 #include "cuda/kv_cuda.h"
 
 #include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -121,15 +119,6 @@ bool host_validation() {
   return on;
 }
 
-// PAGEDKV_DECODE_SCHEDULE=static or =balanced forces the decode kernel's schedule (read each call,
-// so tests and A/B timings may switch it); unset or anything else: automatic.
-Schedule decode_schedule() {
-  const char* v = std::getenv("PAGEDKV_DECODE_SCHEDULE");
-  if (v == nullptr) return Schedule::kAuto;
-  if (std::strcmp(v, "static") == 0) return Schedule::kStatic;
-  return std::strcmp(v, "balanced") == 0 ? Schedule::kBalanced : Schedule::kAuto;
-}
-
 at::Tensor paged_attention_cuda_op(const at::Tensor& query, at::TensorList k_pages, at::TensorList v_pages,
                                    const at::Tensor& block_table, const at::Tensor& seq_lens,
                                    const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& k_tail,
@@ -168,18 +157,10 @@ at::Tensor paged_attention_cuda_op(const at::Tensor& query, at::TensorList k_pag
   at::Tensor out = at::empty({p.num_seqs, p.q_len, p.num_q_heads, p.head_dim()}, query.options());
   const auto f32 = query.options().dtype(at::kFloat);
   at::Tensor acc = at::empty({std::max<int64_t>(1, p.num_seqs * num_kv_heads * p.num_splits * p.rows() * p.head_dim())}, f32);
-  // The balanced decode schedule's counters (attention_cuda_balanced) follow the partial maxima and
-  // sums; torch.use_deterministic_algorithms(True) keeps the static schedule (bitwise-repeatable).
-  const bool balanced = !at::globalContext().deterministicAlgorithms() && attention_cuda_balanced(p, decode_schedule());
-  const int64_t nml = p.num_seqs * num_kv_heads * p.num_splits * p.rows() * 2, nclaims = attention_cuda_claims(p);
-  at::Tensor ml = at::empty({std::max<int64_t>(1, nml + (balanced ? nclaims : 0))}, f32);
+  at::Tensor ml = at::empty({std::max<int64_t>(1, p.num_seqs * num_kv_heads * p.num_splits * p.rows() * 2)}, f32);
   p.out = out.data_ptr();
   p.partial_acc = acc.data_ptr<float>();
   p.partial_ml = ml.data_ptr<float>();
-  if (balanced) {
-    p.decode_claims = reinterpret_cast<int32_t*>(p.partial_ml + nml);
-    C10_CUDA_CHECK(cudaMemsetAsync(p.decode_claims, 0, sizeof(int32_t) * nclaims, at::cuda::getCurrentCUDAStream()));
-  }
   C10_CUDA_CHECK(paged_attention_cuda(p, qc.data_ptr(), at::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

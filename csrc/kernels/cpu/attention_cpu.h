@@ -50,7 +50,6 @@ struct AttentionParams {
   int64_t num_splits = 1;                // max splits per sequence
   float* partial_acc = nullptr;          // [num_seqs, num_kv_heads, num_splits, rows, head_dim]
   float* partial_ml = nullptr;           // [num_seqs, num_kv_heads, num_splits, rows, 2] (max, sum)
-  int32_t* decode_claims = nullptr;      // CUDA only: zeroed counters of the balanced decode schedule (attention_cuda.h)
 
   int64_t num_kv_heads() const { return k.layout.num_kv_heads; }
   int64_t head_dim() const { return k.layout.head_dim; }

@@ -501,14 +501,6 @@ void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, i
   p.num_splits = (n + split - 1) / split;
 }
 
-bool attention_cuda_balanced(const AttentionParams& p, Schedule schedule) {
-  if (schedule == Schedule::kStatic || !use_mma(p) || !attention_decode_supported(p)) return false;
-  if (p.k.layout.format == Format::kInt4 || p.k.layout.format == Format::kInt2) return false;  // attention_decode.cu
-  return schedule == Schedule::kBalanced || p.split_tokens >= kBalancedMinSplit;
-}
-
-int64_t attention_cuda_claims(const AttentionParams& p) { return p.num_seqs * p.num_kv_heads() * kClaimStride; }
-
 cudaError_t paged_attention_cuda(const AttentionParams& p, const void* query, cudaStream_t stream) {
   if (p.k.num_chunks > kMaxAttentionChunks || p.v.num_chunks > kMaxAttentionChunks) return cudaErrorInvalidValue;
   if (p.head_dim() > 256) return cudaErrorInvalidValue;
@@ -546,7 +538,6 @@ cudaError_t paged_attention_cuda(const AttentionParams& p, const void* query, cu
   k.num_splits = p.num_splits;
   k.pacc = p.partial_acc;
   k.pml = p.partial_ml;
-  k.claims = p.decode_claims;
   k.out = p.out;
   const int D = static_cast<int>(p.head_dim());
   if (use_mma(p) && attention_decode_supported(p)) {

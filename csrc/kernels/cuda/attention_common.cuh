@@ -23,9 +23,6 @@ constexpr int kMaxSplitBlocks = 2048 / 16 + 2;  // block-table columns of the lo
 // The decode kernel keeps 4 bytes a column (attention_decode.cu, SplitCols) where split_heads keeps
 // 16, so its splits may span 4x the columns in the same shared memory.
 constexpr int kDecodeSplitCols = 4 * kMaxSplitBlocks;
-// The balanced decode schedule's counters sit 128 bytes apart: on one cache line, the atomics of
-// all the sequences and heads queued behind one another (H100, int8 at batch 8 / 32k: 14% slower).
-constexpr int kClaimStride = 32;
 
 struct DevView {
   const uint8_t* chunk[kMaxAttentionChunks];
@@ -54,7 +51,6 @@ struct KParams {
   int64_t split_tokens, num_splits;
   float* pacc;
   float* pml;
-  int32_t* claims;  // the decode kernel's balanced schedule (null: static)
   void* out;
 };
 

@@ -59,42 +59,32 @@ __device__ __forceinline__ uint32_t lds_u32(uint32_t a) {
 // pointers).
 constexpr uint32_t kNoCol = 0xffffffffu;
 constexpr int kColShift = 22;  // blocks per chunk < 2^22, chunks < 2^10 (attention_decode_supported)
-
-// Block-table column col of sequence s as a column word.
-__device__ __forceinline__ uint32_t table_word(const KParams& p, int s, int64_t col) {
-  const int64_t blk = col >= 0 && col < p.max_blocks ? p.table[static_cast<int64_t>(s) * p.max_blocks + col] : -1;
-  if (blk < 0 || blk >= p.k.id_space || blk >= p.v.id_space) return kNoCol;
-  const uint32_t b = static_cast<uint32_t>(blk), bpc = static_cast<uint32_t>(p.k.bpc);  // 32-bit division
-  return b < bpc ? b : (b / bpc) << kColShift | b % bpc;
-}
-
-// kGlobal (the balanced schedule): the columns are read from the block table (col0 = 0).
-template <bool kGlobal>
 struct SplitCols {
   uint32_t cols_s;  // shared address of column 0
-  const KParams* kp;
-  int s;
+  const DevView* k;
+  const DevView* v;
   int64_t k_off, v_off;  // the head's offset in a block
-  __device__ __forceinline__ uint32_t word(int col) const {
-    if constexpr (kGlobal) return table_word(*kp, s, col);
-    return lds_u32(cols_s + 4 * col);
-  }
-  __device__ __forceinline__ void heads(uint32_t w, const uint8_t*& kh, const uint8_t*& vh) const {
+  __device__ __forceinline__ void get(int col, const uint8_t*& kh, const uint8_t*& vh) const {
+    const uint32_t w = lds_u32(cols_s + 4 * col);
     kh = vh = nullptr;
     if (w != kNoCol) {
       const uint32_t ci = w >> kColShift;
       const int64_t bi = w & ((1u << kColShift) - 1u);
-      kh = kp->k.chunk[ci] + bi * kp->k.L.block_bytes + k_off;
-      vh = kp->v.chunk[ci] + bi * kp->v.L.block_bytes + v_off;
+      kh = k->chunk[ci] + bi * k->L.block_bytes + k_off;
+      vh = v->chunk[ci] + bi * v->L.block_bytes + v_off;
     }
   }
-  __device__ __forceinline__ void get(int col, const uint8_t*& kh, const uint8_t*& vh) const { heads(word(col), kh, vh); }
 };
 
 // Fills cols[0, min(ncols, kDecodeSplitCols)) for block-table columns col0.. of sequence s.
 __device__ __forceinline__ void split_cols(const KParams& p, int s, int col0, int ncols, uint32_t* cols, int tid,
                                            int nthreads) {
-  for (int j = tid; j < ncols && j < kDecodeSplitCols; j += nthreads) cols[j] = table_word(p, s, col0 + j);
+  for (int j = tid; j < ncols && j < kDecodeSplitCols; j += nthreads) {
+    const int64_t col = col0 + j;
+    const int64_t blk = col < p.max_blocks ? p.table[static_cast<int64_t>(s) * p.max_blocks + col] : -1;
+    const bool ok = blk >= 0 && blk < p.k.id_space && blk < p.v.id_space;
+    cols[j] = ok ? static_cast<uint32_t>(blk / p.k.bpc) << kColShift | static_cast<uint32_t>(blk % p.k.bpc) : kNoCol;
+  }
 }
 
 #ifdef PAGEDKV_CTA_TIMES
@@ -188,7 +178,7 @@ struct Stage {
   static constexpr int kSmem = area(NS) + kOther;
 };
 
-template <int D, Format F, typename T, Feed FD, bool kBal>
+template <int D, Format F, typename T, Feed FD>
 __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_decode_kernel(const __grid_constant__ KParams p) {
   constexpr int KS = D / 16;   // k-steps of S^T and m-tiles of O^T
   constexpr int LK = D / 4;    // key channels per lane
@@ -239,13 +229,11 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   const int64_t skip = p.skip ? p.skip[s] : 0;
   const int64_t n = plen + p.tail_len;
   // The block-table columns of the whole split (it lies within them whatever the sequence's length
-  // and the rows' windows), so their loads need no length and overlap the query's. The balanced
-  // schedule reads its columns from the block table instead, a unit's ahead of its copy.
+  // and the rows' windows), so their loads need no length and overlap the query's.
   const int bs_shift = __ffs(p.k.L.block_size) - 1, bmask = (1 << bs_shift) - 1;
-  const int col0 = kBal ? 0 : static_cast<int>((skip + split * p.split_tokens) >> bs_shift);
-  if constexpr (!kBal)
-    split_cols(p, s, col0, static_cast<int>((skip + (split + 1) * p.split_tokens - 1) >> bs_shift) - col0 + 1, cols,
-               tid, kThreads);
+  const int col0 = static_cast<int>((skip + split * p.split_tokens) >> bs_shift);
+  split_cols(p, s, col0, static_cast<int>((skip + (split + 1) * p.split_tokens - 1) >> bs_shift) - col0 + 1, cols, tid,
+             kThreads);
   if (tid < kRows) {
     int lo = INT_MAX, hi = -1;  // rows past p.rows (padding) attend nothing
     if (tid < p.rows) {
@@ -302,84 +290,21 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       hi_min = min(hi_min, row_hi[r]);
     }
   }
-  int64_t e0, e1;  // the block's entries; balanced: the whole sequence's, shared by the splits' warps
-  if constexpr (kBal) {
-    e0 = max(static_cast<int64_t>(lo_all), static_cast<int64_t>(0));
-    e1 = min(n, static_cast<int64_t>(hi_all) + 1);
-  } else {
-    split_range(p, split, n, lo_all, hi_all, e0, e1);
-  }
+  int64_t e0, e1;
+  split_range(p, split, n, lo_all, hi_all, e0, e1);
   const int64_t len = max(e1 - e0, static_cast<int64_t>(0));
   const uint8_t* mask = p.mask ? p.mask + s * p.mask_stride + p.mask_offset : nullptr;
   const int mask_n = static_cast<int>(min(p.mask_len - p.mask_offset, static_cast<int64_t>(1) << 30));
-  const SplitCols<kBal> heads{static_cast<uint32_t>(__cvta_generic_to_shared(cols)), &p, s, h * p.k.L.head_bytes,
+  const SplitCols heads{static_cast<uint32_t>(__cvta_generic_to_shared(cols)), &p.k, &p.v, h * p.k.L.head_bytes,
                         h * p.v.L.head_bytes};
-  const Split<SplitCols<kBal>> sp{heads, col0, bs_shift, bmask, static_cast<int>(plen), static_cast<int>(skip)};
+  const Split<SplitCols> sp{heads, col0, bs_shift, bmask, static_cast<int>(plen), static_cast<int>(skip)};
   const int lo_r[2] = {row_lo[2 * c], row_lo[2 * c + 1]}, hi_r[2] = {row_hi[2 * c], row_hi[2 * c + 1]};
-  // Steps are 16 tokens aligned to positions that are multiples of 16, so a whole step lies in one
-  // block (and one key group). Static schedule: each warp takes a contiguous run of the split's steps.
+  // Each warp takes a contiguous run of 16-token steps aligned to positions that are multiples of 16,
+  // so a whole step lies in one block (and one key group).
   const int ie0 = static_cast<int>(e0), ie1 = ie0 + static_cast<int>(len), isk = static_cast<int>(skip);
   const int a0 = len > 0 ? ie0 - ((isk + ie0) & 15) : ie0;
   const int per_warp = (ie1 - a0 + kStep * kWarps - 1) / (kStep * kWarps) * kStep;
-  const int w0 = kBal ? ie0 : a0 + warp * per_warp, lim = kBal ? ie1 : min(w0 + per_warp, ie1), wlo = max(w0, ie0);
-  // Balanced schedule (kBal, 8- and 16-bit pages: p.claims, zeroed counters, one per sequence and
-  // KV head): the warps of all the splits of (s, h) share the sequence's steps, so warps that stream
-  // faster take more of them and all end together (with a static split the kernel ends with its
-  // slowest warp). Warp gw of TW takes steps gw + TW i for i < NS + 2 statically (covering the first
-  // copies), then step TW (NS + 2) + claims[s, h]++. A warp knows its next three steps, reads a
-  // step's block-table column two steps before its copy and claims two steps ahead, so neither the
-  // table's nor the atomics' latency stalls a copy. (int4 / int2, bound by instructions, ran 8-17% slower balanced:
-  // benchmarks/RESULTS.md.)
-  static_assert(!(kBal && kFold), "int4 / int2 take the static schedule");
-  constexpr int kEnd = INT_MAX / 2;  // no step
-  const int nsteps = kBal && len > 0 ? (ie1 - a0 + kStep - 1) / kStep : 0;
-  const int TW = static_cast<int>(p.num_splits) * kWarps, TS = TW * (NS + 2);
-  const bool claiming = TS < nsteps;
-  int* const ctr = kBal ? p.claims + (static_cast<int64_t>(s) * p.H + h) * kClaimStride : nullptr;
-  const auto step_at = [&](int i) { return i < nsteps ? a0 + i * kStep : kEnd; };
-  const auto step_word = [&](int st) { return st != kEnd ? heads.word((isk + st) >> bs_shift) : kNoCol; };
-  // Static: the next step to copy (nx). Balanced: the next three (nx, n1, n2) and their column words,
-  // the last static step taken (si), lane 0's claims in flight.
-  int nx = w0, n1 = kEnd, n2 = kEnd, si = split * kWarps + warp, claim0 = 0, claim1 = 0;
-  uint32_t wx = kNoCol, w1 = kNoCol, w2 = kNoCol;
-  if constexpr (kBal) {
-    nx = step_at(si);
-    n1 = step_at(si += TW);
-    n2 = step_at(si += TW);
-    wx = step_word(nx);
-    w1 = step_word(n1);
-    w2 = step_word(n2);
-    if (claiming && lane == 0) {
-      claim0 = atomicAdd(ctr, 1);
-      claim1 = atomicAdd(ctr, 1);
-    }
-  }
-  // The next step to copy and (balanced) its column word.
-  const auto next_step = [&](uint32_t& w) -> int {
-    const int st = nx;
-    w = wx;
-    if constexpr (kBal) {
-      nx = n1;
-      wx = w1;
-      n1 = n2;
-      w1 = w2;
-      int i = kEnd;
-      if (n2 != kEnd) {
-        if ((si += TW) < TS) {
-          i = si;
-        } else if (claiming) {
-          i = TS + __shfl_sync(0xffffffffu, claim0, 0);
-          claim0 = claim1;
-          if (lane == 0 && i < nsteps) claim1 = atomicAdd(ctr, 1);
-        }
-      }
-      n2 = step_at(i);
-      w2 = step_word(n2);
-    } else {
-      nx += kStep;
-    }
-    return st;
-  };
+  const int w0 = a0 + warp * per_warp, lim = min(w0 + per_warp, ie1), wlo = max(w0, ie0);
   const int kg_shift = __ffs(p.k.L.group) - 1, vg_shift = __ffs(p.v.L.group) - 1;
   // Fast steps with no masking: inside every row's window, no key mask.
   const int clean_lo = max(wlo, lo_max), clean_hi = min(lim, hi_min + 1);
@@ -398,15 +323,15 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   // A fast step's keys and values in registers (kw, vw, vm, ks, vs), read from its stage.
   uint32_t kw[2][KW], vw[4][kFold ? NC : VW], vm[4][kFold ? NC : 1];
   float ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};  // kTS: scales of tokens g, g + 8
-  // A step's page-head pair (null when not fast: not whole in the warp's range or in one existing block),
-  // from its column word w (balanced) or the split's columns. The column table reads through a 32-bit
-  // shared address taken once (indexed through the array, every step recomputed its shared window
-  // address, S2R SR_CgaCtaId included).
-  const auto step_heads = [&](int st, uint32_t w, const uint8_t*& kh, const uint8_t*& vh, int& off0) {
+  // A step's page-head pair (null when not fast: not whole in the warp's range or in one existing block).
+  // The column table reads through a 32-bit shared address taken once (indexed through the array, every
+  // step recomputed its shared window address, S2R SR_CgaCtaId included).
+  const auto step_heads = [&](int st, const uint8_t*& kh, const uint8_t*& vh, int& off0) {
     const int pos0 = isk + st;
+    const int scol = (pos0 >> bs_shift) - col0;
     off0 = pos0 & bmask;
     kh = vh = nullptr;
-    if (st >= wlo && st + kStep <= lim && st + kStep <= plen) heads.heads(kBal ? w : heads.word((pos0 >> bs_shift) - col0), kh, vh);
+    if (st >= wlo && st + kStep <= lim && st + kStep <= plen) heads.get(scol, kh, vh);
   };
   uint8_t* const wstage = stages + warp * NS * SG::kBytes;
   // Step st's key group needs its (scale, zero) words (kFold): the first step of a group or of the
@@ -435,10 +360,10 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   // Starts the copy of step st (when it is a fast step) into stage `slot`: cp.async, 16 bytes at a time
   // (kFold's value (scale, zero) words 4 at a time, one per 64 channels whatever the value group).
   // Returns the stage's flags: 1 = a fast step, 2 = its key group's words copied (the refold runs).
-  const auto copy_step = [&](int st, uint32_t w, int slot) -> uint32_t {
+  const auto copy_step = [&](int st, int slot) -> uint32_t {
     const uint8_t *kh, *vh;
     int off0;
-    step_heads(st, w, kh, vh, off0);
+    step_heads(st, kh, vh, off0);
     uint32_t flags = 0;
     if (kh != nullptr) {
       flags = 1;
@@ -630,13 +555,8 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     kb[1] = __shfl_sync(0xffffffffu, be, 8 * c + 4) - (m0[1] + m1[1]);
   };
   uint32_t stage_flags = 0;  // copy_step's flags, 2 bits per stage
-  int qst[NS - 1];           // the steps in the stages, the next to run first (balanced; static: st_run on)
 #pragma unroll
-  for (int i = 0; i + 1 < NS; ++i) {
-    uint32_t w;
-    qst[i] = next_step(w);
-    stage_flags |= copy_step(qst[i], w, i) << (2 * i);
-  }
+  for (int i = 0; i + 1 < NS; ++i) stage_flags |= copy_step(w0 + i * kStep, i) << (2 * i);
   if constexpr (kI8) {
     for (int r = warp; r < kRows; r += kWarps) {
       float a = 0.0f;
@@ -699,9 +619,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #ifdef PAGEDKV_CTA_TIMES
   const uint64_t t_loop = global_ns();
 #endif
-  for (int st_run = w0;; st_run += kStep) {
-    const int st = kBal ? qst[0] : st_run;
-    if (st >= lim) break;
+  for (int st = w0; st < lim; st += kStep) {
     const uint32_t flags = stage_flags >> (2 * slot);
     const bool fast = flags & 1;
     // This step's copies done (every lane's, after the warp barrier), and every lane done reading the
@@ -709,16 +627,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     cp_async_wait<NS - 2>();
     __syncwarp();
     const int nslot = slot == 0 ? NS - 1 : slot - 1;
-    {
-      uint32_t w;
-      const int cst = next_step(w);
-      stage_flags = (stage_flags & ~(3u << (2 * nslot))) | copy_step(cst, w, nslot) << (2 * nslot);
-      if constexpr (kBal) {
-#pragma unroll
-        for (int i = 0; i + 2 < NS; ++i) qst[i] = qst[i + 1];
-        qst[NS - 2] = cst;
-      }
-    }
+    stage_flags = (stage_flags & ~(3u << (2 * nslot))) | copy_step(st + (NS - 1) * kStep, nslot) << (2 * nslot);
     const bool clean = fast && mask == nullptr && st >= clean_lo && st + kStep <= clean_hi;
     float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
     uint32_t vr[2][LV];  // value pairs (tokens 2c + 8 P, 2c + 8 P + 1) of the lane's channels
@@ -1003,20 +912,12 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #endif
 }
 
-template <int D, Format F, typename T, Feed FD, bool kBal>
-cudaError_t launch_schedule(const KParams& k, dim3 grid, cudaStream_t stream) {
-  const size_t smem = Stage<D, F>::kSmem;
-  PKV_CUDA_TRY(cudaFuncSetAttribute(attention_decode_kernel<D, F, T, FD, kBal>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  return launch_programmatic(attention_decode_kernel<D, F, T, FD, kBal>, grid, dim3(kThreads), smem, stream, k);
-}
-
 template <int D, Format F, typename T, Feed FD>
 cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
-  if constexpr (FD != Feed::kFold) {
-    if (k.claims != nullptr) return launch_schedule<D, F, T, FD, true>(k, grid, stream);
-  }
-  return launch_schedule<D, F, T, FD, false>(k, grid, stream);
+  const size_t smem = Stage<D, F>::kSmem;
+  PKV_CUDA_TRY(cudaFuncSetAttribute(attention_decode_kernel<D, F, T, FD>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  return launch_programmatic(attention_decode_kernel<D, F, T, FD>, grid, dim3(kThreads), smem, stream, k);
 }
 
 template <int D, typename T>
