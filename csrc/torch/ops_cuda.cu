@@ -156,11 +156,12 @@ at::Tensor paged_attention_cuda_op(const at::Tensor& query, at::TensorList k_pag
   const at::Tensor qc = query.contiguous();
   at::Tensor out = at::empty({p.num_seqs, p.q_len, p.num_q_heads, p.head_dim()}, query.options());
   const auto f32 = query.options().dtype(at::kFloat);
-  at::Tensor acc = at::empty({std::max<int64_t>(1, p.num_seqs * num_kv_heads * p.num_splits * p.rows() * p.head_dim())}, f32);
-  at::Tensor ml = at::empty({std::max<int64_t>(1, p.num_seqs * num_kv_heads * p.num_splits * p.rows() * 2)}, f32);
+  // The split partials in one allocation: accumulators, then (max, sum) pairs.
+  const int64_t partials = p.num_seqs * num_kv_heads * p.num_splits * p.rows();
+  at::Tensor acc = at::empty({std::max<int64_t>(1, partials * (p.head_dim() + 2))}, f32);
   p.out = out.data_ptr();
   p.partial_acc = acc.data_ptr<float>();
-  p.partial_ml = ml.data_ptr<float>();
+  p.partial_ml = p.partial_acc + partials * p.head_dim();
   C10_CUDA_CHECK(paged_attention_cuda(p, qc.data_ptr(), at::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

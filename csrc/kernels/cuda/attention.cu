@@ -373,11 +373,22 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float* red) 
   return r;
 }
 
-__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const __grid_constant__ KParams p) {
+// The merge kernel's parameters: a few dozen bytes, where KParams carries the pages' chunk pointers
+// (16 KB), which made each launch copy them.
+struct MergeParams {
+  const float* pacc;
+  const float* pml;
+  void* out;
+  DType dtype;
+  int32_t Hq, Lq, H, gqa, rows, D;
+  int64_t num_splits;
+};
+
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const __grid_constant__ MergeParams p) {
   extern __shared__ float wk[];  // [min(num_splits, kMaxSplits)]
   __shared__ float red[kMergeThreads / 32];
   const int gr = blockIdx.x, h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
-  const int D = p.k.L.head_dim, ns = static_cast<int>(p.num_splits);
+  const int D = p.D, ns = static_cast<int>(p.num_splits);
   grid_dependency_wait();  // launched programmatically: the partials are complete and visible after this
   const int64_t base0 = (static_cast<int64_t>(s) * p.H + h) * p.num_splits;
   const float* ml = p.pml + (base0 * p.rows + gr) * 2;  // split k at ml[2 k rows]
@@ -437,8 +448,7 @@ cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
   const int64_t kv_bytes = std::max(k.k.L.head_bytes, k.v.L.head_bytes);
   const size_t smem = sizeof(float) * R * std::max<int64_t>(k.split_tokens, kThreads * kC) + 2 * tb * kv_bytes;
   if (smem > 227 * 1024) return cudaErrorInvalidValue;
-  PKV_CUDA_TRY(cudaFuncSetAttribute(attention_kernel<D, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)));
+  PKV_CUDA_TRY((allow_smem<attention_kernel<D, R>>(smem)));
   attention_kernel<D, R><<<grid, kThreads, smem, stream>>>(k);
   return cudaGetLastError();
 }
@@ -564,7 +574,8 @@ cudaError_t paged_attention_cuda(const AttentionParams& p, const void* query, cu
   }
   // The merge is launched programmatically: its launch overlaps the attention kernel's last blocks.
   const size_t merge_smem = sizeof(float) * static_cast<size_t>(std::min<int64_t>(k.num_splits, kMaxSplits));
-  return launch_programmatic(merge_kernel, dim3(k.rows, k.H, k.B), dim3(kMergeThreads), merge_smem, stream, k);
+  const MergeParams m{k.pacc, k.pml, k.out, k.dtype, k.Hq, k.Lq, k.H, k.gqa, k.rows, D, k.num_splits};
+  return launch_programmatic(merge_kernel, dim3(k.rows, k.H, k.B), dim3(kMergeThreads), merge_smem, stream, m);
 }
 
 }  // namespace pagedkv

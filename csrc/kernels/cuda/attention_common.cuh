@@ -83,12 +83,13 @@ __device__ __forceinline__ void grid_dependents_launch() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
+constexpr int kMaxDevices = 64;  // per-device host caches below
+
 // Whether the current device takes programmatic launches (compute capability >= 9), cached per device.
 inline bool programmatic_launch_supported() {
 #ifdef PAGEDKV_NO_PDL
   return false;
 #else
-  constexpr int kMaxDevices = 64;
   static std::atomic<int> cached[kMaxDevices] = {};  // 0: unknown, 1: no, 2: yes
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
@@ -102,10 +103,29 @@ inline bool programmatic_launch_supported() {
 #endif
 }
 
+// Raises Kernel's dynamic shared-memory cap to at least smem bytes on the current device, calling
+// cudaFuncSetAttribute only when the cap set there so far is lower (it cost about 3.5 us a call, on
+// every launch, under the profiler).
+template <auto Kernel>
+inline cudaError_t allow_smem(size_t smem) {
+  static std::atomic<int> cap[kMaxDevices] = {};
+  int dev = 0;
+  PKV_CUDA_TRY(cudaGetDevice(&dev));
+  const int want = static_cast<int>(smem);
+  if (dev >= 0 && dev < kMaxDevices && cap[dev].load(std::memory_order_relaxed) >= want) return cudaSuccess;
+  PKV_CUDA_TRY(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, want));
+  if (dev >= 0 && dev < kMaxDevices) {
+    int cur = cap[dev].load(std::memory_order_relaxed);
+    while (cur < want && !cap[dev].compare_exchange_weak(cur, want, std::memory_order_relaxed)) {
+    }
+  }
+  return cudaSuccess;
+}
+
 // Launches kernel<<<grid, block, smem, stream>>>(k), programmatically where the device takes it.
-template <typename Kernel>
+template <typename Kernel, typename Params>
 inline cudaError_t launch_programmatic(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                                       const KParams& k) {
+                                       const Params& k) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;

@@ -915,8 +915,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 template <int D, Format F, typename T, Feed FD>
 cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
   const size_t smem = Stage<D, F>::kSmem;
-  PKV_CUDA_TRY(cudaFuncSetAttribute(attention_decode_kernel<D, F, T, FD>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  PKV_CUDA_TRY((allow_smem<attention_decode_kernel<D, F, T, FD>>(smem)));
   return launch_programmatic(attention_decode_kernel<D, F, T, FD>, grid, dim3(kThreads), smem, stream, k);
 }
 

@@ -504,8 +504,7 @@ cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
   // kFold's query rows and q' fragments fit in the merge area they share.
   static_assert(16 * (D + 4) + kWarps * (D / 16) * 32 * 4 <= kWarps * 16 * (D + 2));
   const size_t smem = (D / 16) * 32 * 16 + sizeof(float) * kWarps * 16 * (D + 2);
-  PKV_CUDA_TRY(cudaFuncSetAttribute(attention_mma_kernel<D, F, T, FD>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  PKV_CUDA_TRY((allow_smem<attention_mma_kernel<D, F, T, FD>>(smem)));
   attention_mma_kernel<D, F, T, FD><<<grid, kThreads, smem, stream>>>(k);
   return cudaGetLastError();
 }
