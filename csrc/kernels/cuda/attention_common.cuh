@@ -105,7 +105,7 @@ inline bool programmatic_launch_supported() {
 
 // Raises Kernel's dynamic shared-memory cap to at least smem bytes on the current device, calling
 // cudaFuncSetAttribute only when the cap set there so far is lower (it cost about 3.5 us a call, on
-// every launch, under the profiler).
+// every launch, under the profiler). The cache outlives a cudaDeviceReset, which torch never calls.
 template <auto Kernel>
 inline cudaError_t allow_smem(size_t smem) {
   static std::atomic<int> cap[kMaxDevices] = {};
