@@ -456,10 +456,13 @@ cudaError_t launch(const KParams& k, dim3 grid, cudaStream_t stream) {
 }  // namespace
 
 bool use_mma(const AttentionParams& p) { return fast_path(p) && attention_mma_supported(p); }
+// The swapped-operand decode kernel's cases of the tensor-core path: the planner sizes splits for it
+// and the launcher takes it, by this one rule.
+static bool use_decode(const AttentionParams& p) { return use_mma(p) && attention_decode_supported(p); }
 
 void attention_cuda_plan(AttentionParams& p, int64_t max_entries, int num_sms, int64_t forced_splits) {
   const bool mma = use_mma(p);
-  const bool decode = mma && attention_decode_supported(p);  // the launcher's choice (paged_attention_cuda)
+  const bool decode = use_decode(p);
   const int R = mma ? kMmaRows : rows_per_block(p);
   const int64_t row_tiles = (p.rows() + R - 1) / R;
   const int64_t base = std::max<int64_t>(1, p.num_seqs * p.num_kv_heads() * row_tiles);
@@ -550,7 +553,7 @@ cudaError_t paged_attention_cuda(const AttentionParams& p, const void* query, cu
   k.pml = p.partial_ml;
   k.out = p.out;
   const int D = static_cast<int>(p.head_dim());
-  if (use_mma(p) && attention_decode_supported(p)) {
+  if (use_decode(p)) {
     k.row_tiles = 1;
     PKV_CUDA_TRY(attention_decode_launch(k, stream));
   } else if (use_mma(p)) {

@@ -79,11 +79,13 @@ struct SplitCols {
 // Fills cols[0, min(ncols, kDecodeSplitCols)) for block-table columns col0.. of sequence s.
 __device__ __forceinline__ void split_cols(const KParams& p, int s, int col0, int ncols, uint32_t* cols, int tid,
                                            int nthreads) {
+  const uint32_t bpc = static_cast<uint32_t>(p.k.bpc);
   for (int j = tid; j < ncols && j < kDecodeSplitCols; j += nthreads) {
     const int64_t col = col0 + j;
     const int64_t blk = col < p.max_blocks ? p.table[static_cast<int64_t>(s) * p.max_blocks + col] : -1;
     const bool ok = blk >= 0 && blk < p.k.id_space && blk < p.v.id_space;
-    cols[j] = ok ? static_cast<uint32_t>(blk / p.k.bpc) << kColShift | static_cast<uint32_t>(blk % p.k.bpc) : kNoCol;
+    const uint32_t b = static_cast<uint32_t>(blk);  // an int32 block id: 32-bit division, not 64-bit
+    cols[j] = ok ? (b / bpc) << kColShift | b % bpc : kNoCol;
   }
 }
 
