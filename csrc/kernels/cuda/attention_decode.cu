@@ -142,6 +142,10 @@ constexpr Feed decode_feed() {
          : F == Format::kInt8 || F == Format::kFP8E4M3 ? Feed::kTokenScale : Feed::kFold;
 }
 
+#ifndef PAGEDKV_DECODE_PAIRS
+#define PAGEDKV_DECODE_PAIRS 1
+#endif
+
 template <int D, Format F>
 struct Stage {
   static constexpr Feed FD = decode_feed<F>();
@@ -176,7 +180,12 @@ struct Stage {
 #else
   static constexpr int kBlocks = D == 256 ? 2 : D == 128 && FD != Feed::kPass ? 3 : fit(4, 2) ? 4 : 3;
 #endif
-  static constexpr int NS = kSwz && fit(kBlocks, 4) ? 4 : fit(kBlocks, 3) ? 3 : 2;
+  // Pairs of steps (kFold; PAGEDKV_DECODE_PAIRS = 0 turns them off, 2 takes every quantized feed):
+  // the loop takes two clean fast steps of one key group at a time, so it waits for two stages and
+  // keeps NS - 2 in flight, up to six stages where they fit.
+  static constexpr bool kPairs = PAGEDKV_DECODE_PAIRS == 2 ? FD != Feed::kPass : PAGEDKV_DECODE_PAIRS == 1 && kFold;
+  static constexpr int NS = kPairs && fit(kBlocks, 6) ? 6 : kPairs && fit(kBlocks, 5) ? 5 : kPairs && fit(kBlocks, 4) ? 4
+                            : kSwz && fit(kBlocks, 4) ? 4 : fit(kBlocks, 3) ? 3 : 2;
   static constexpr int kSmem = area(NS) + kOther;
 };
 
@@ -208,6 +217,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   static_assert(SG::FD == FD, "the decode feed of the format");
   static_assert(SG::fit(SG::kBlocks, 2), "two stages must fit");
   constexpr int NS = SG::NS;
+  constexpr bool kPairs = SG::kPairs && NS >= 3;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* stages = smem;                                    // [kWarps][NS] stages, then the accumulators:
   float* so = reinterpret_cast<float*>(smem);                // [kWarps][kRows][D] after the loop
@@ -322,9 +332,11 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   // 2c + 1; rows g and g + 8 alike), times 1152 the values' bias.
   float cz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
-  // A fast step's keys and values in registers (kw, vw, vm, ks, vs), read from its stage.
-  uint32_t kw[2][KW], vw[4][kFold ? NC : VW], vm[4][kFold ? NC : 1];
-  float ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};  // kTS: scales of tokens g, g + 8
+  // A fast step's keys and values in registers, read from its stage: key words, value words, kFold's
+  // value (scale, zero) words; kTS: the token scales of tokens g, g + 8 (keys) and 2c.. (values).
+  using KWords = uint32_t[2][KW];
+  using VWords = uint32_t[4][kFold ? NC : VW];
+  using VMeta = uint32_t[4][kFold ? NC : 1];
   // A step's page-head pair (null when not fast: not whole in the warp's range or in one existing block).
   // The column table reads through a 32-bit shared address taken once (indexed through the array, every
   // step recomputed its shared window address, S2R SR_CgaCtaId included).
@@ -405,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     cp_async_commit();
     return flags;
   };
-  const auto read_keys = [&](int slot) {
+  const auto read_keys = [&](int slot, KWords& kw, float (&ks)[2]) {
     const uint8_t* const sb = wstage + slot * SG::kBytes;
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
@@ -421,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       if constexpr (kTS) ks[t] = *reinterpret_cast<const float*>(sb + SG::kM + 4 * (8 * t + g));
     }
   };
-  const auto read_values = [&](int slot) {
+  const auto read_values = [&](int slot, VWords& vw, VMeta& vm, float (&vs)[2]) {
     const uint8_t* const sb = wstage + slot * SG::kBytes;
     const uint8_t* const sv = sb + SG::kV + rd_val;
 #pragma unroll
@@ -459,7 +471,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       mma<TV>(o[t], make_uint4(vr[0][2 * t], vr[0][2 * t + 1], vr[1][2 * t], vr[1][2 * t + 1]), b0, b1);
     }
   };
-  const auto unpack_piece = [&](int q, uint32_t (&vr)[2][LV]) {
+  const auto unpack_piece = [&](int q, const VWords& vw, uint32_t (&vr)[2][LV]) {
 #pragma unroll
     for (int P = 0; P < 2; ++P) {
       const uint32_t wa = vw[2 * P][q], wb = vw[2 * P + 1][q];
@@ -617,22 +629,213 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     }
   }
   if constexpr (kI8) __syncthreads();  // every warp done with qrow before warp 0's first step refills it
-  int slot = 0;  // step st's stage
+  // Scores to base-2 logits: softmax scale, the kTS key scales of tokens g, g + 8 (ks), soft cap.
+  const auto scale_scores = [&](float (&sc)[4], const float (&ks)[2]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v = sc[i] * qk_scale * ks[i >> 1];
+      if (softcap) v = p.softcap * tanhf(v / p.softcap) * kLog2e;
+      sc[i] = v;
+    }
+  };
+  // A fast step's S^T from the keys in its stage (sc: (token g, row 2c), (g, 2c + 1), (g + 8, 2c),
+  // (g + 8, 2c + 1); ks: kTS key scales), kFold refolding the query first where the stage holds a new
+  // key group's words. The mma fp16 / bf16 feeds run on two accumulator chains (even / odd k-steps;
+  // kFold's odd chain starts from the score offsets kb).
+  const auto fast_scores = [&](int slot, uint32_t flags, float (&sc)[4], float (&ks)[2]) {
+    KWords kw;
+    read_keys(slot, kw, ks);
+    if constexpr (kFold) {
+      if (flags & 2) refold(slot);
+    }
+    float sx[4] = {kb[0], kb[1], kb[0], kb[1]};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sc[i] = 0.0f;
+    if constexpr (FD == Feed::kPass) {
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk)
+        mma<TK>(kk % 2 ? sx : sc, make_uint4(kw[0][2 * kk], kw[1][2 * kk], kw[0][2 * kk + 1], kw[1][2 * kk + 1]), qa[kk][0],
+                qa[kk][1]);
+    } else if constexpr (kI8) {
+      int ah[4] = {0, 0, 0, 0}, al[4] = {0, 0, 0, 0};  // sum(code q_hi), sum(code q_lo): two independent chains
+#pragma unroll
+      for (int kk = 0; kk < KS / 2; ++kk) {
+        const uint32_t* a = &kw[(4 * kk) / KW][(4 * kk) % KW];
+        mma_s8(ah, make_uint4(a[0], a[1], a[2], a[3]), qa[kk][0], qa[kk][1]);
+        mma_s8(al, make_uint4(a[0], a[1], a[2], a[3]), qa[KS / 2 + kk][0], qa[KS / 2 + kk][1]);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sc[i] = static_cast<float>(ah[i] * 254 + al[i]) * ksc[i & 1];  // |.| < 2^31 to head_dim 256
+    } else if constexpr (kTS) {
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        uint32_t a0, a1, a2, a3;
+        key_word<F>(kw[0][kk], a0, a2);
+        key_word<F>(kw[1][kk], a1, a3);
+        mma<TK>(kk % 2 ? sx : sc, make_uint4(a0, a1, a2, a3), qa[kk][0], qa[kk][1]);
+      }
+    } else {
+#pragma unroll
+      for (int jw = 0; jw < KW; ++jw) {
+        uint32_t ra[PW / 2], rb[PW / 2];
+        unpack_lohi<BITS, T>(kw[0][jw], ra);
+        unpack_lohi<BITS, T>(kw[1][jw], rb);
+#pragma unroll
+        for (int u = 0; u < KPW; ++u)
+          mma<TK>((KPW * jw + u) % 2 ? sx : sc, make_uint4(ra[2 * u], rb[2 * u], ra[2 * u + 1], rb[2 * u + 1]),
+                  qa[KPW * jw + u][0], qa[KPW * jw + u][1]);
+      }
+    }
+    if constexpr (!kI8) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sc[i] += sx[i];
+    }
+  };
+  // Online softmax per row over NT steps' logits (lanes g = 0..7 hold tokens g, g + 8 of each): they
+  // become probabilities against the new running maxima; l, o and cz are rescaled.
+  const auto softmax = [&](auto& sc) {
+    constexpr int NT = sizeof(sc) / sizeof(sc[0]);
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = fmaxf(sc[0][r], sc[0][2 + r]);
+#pragma unroll
+      for (int t = 1; t < NT; ++t) mx = fmaxf(mx, fmaxf(sc[t][r], sc[t][2 + r]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      const float mn = fmaxf(m[r], mx);
+      alpha[r] = mn == -INFINITY ? 1.0f : exp2_approx(m[r] - mn);
+      m[r] = mn;
+      float sum = 0.0f;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const float p0 = mn == -INFINITY ? 0.0f : exp2_approx(sc[t][r] - mn);
+        const float p1 = mn == -INFINITY ? 0.0f : exp2_approx(sc[t][2 + r] - mn);
+        sum += p0 + p1;
+        sc[t][r] = p0;
+        sc[t][2 + r] = p1;
+      }
+      l[r] = l[r] * alpha[r] + sum;
+    }
+    if (alpha[0] != 1.0f || alpha[1] != 1.0f) {  // the running maxima rarely move late in a long sequence
+#pragma unroll
+      for (int t = 0; t < KS; ++t) {
+        o[t][0] *= alpha[0];
+        o[t][1] *= alpha[1];
+        o[t][2] *= alpha[0];
+        o[t][3] *= alpha[1];
+      }
+      if constexpr (kFold || kI8) {
+        cz[0] *= alpha[0];
+        cz[1] *= alpha[1];
+        cz[2] *= alpha[0];
+        cz[3] *= alpha[1];
+      }
+    }
+  };
+  // P^T as the B fragment (times the value scale for kTS: P diag(s) codes = P V).
+  const auto p_fragments = [&](const float (&pr)[4], const float (&vs)[2], uint32_t& b0, uint32_t& b1) {
+    b0 = transpose8x8(pack2<TV>(pr[0] * vs[0], pr[1] * vs[0]));
+    b1 = transpose8x8(pack2<TV>(pr[2] * vs[1], pr[3] * vs[1]));
+  };
+  // P V of a fast step from its value words (pr: its probabilities, as sc).
+  // kFold: chunk j's m-tiles take P^T times the tokens' value scales of chunk j (the raw codes on A);
+  // m-tile 4 j + i holds channels 64 j + 8 g + value_lane_channel(i) (row g) and + 2 (row g + 8), so
+  // one tile's codes share a scale. cz collects the rest: in row g, -1024 times chunk g % NC's scaled
+  // P^T (the magic's share, the same in odd tiles, which are then divided by HIV); in row g + 8, chunk
+  // g % NC's zeros against P^T (za, zb).
+  const auto fast_pv = [&](const VWords& vw, const VMeta& vm, const float (&vs)[2], const float (&pr)[4]) {
+    uint32_t b0, b1, bq[kFold ? NC : 1][2], za = 0u, zb = 0u;
+    p_fragments(pr, vs, b0, b1);
+    // The cz mmas: int8's ones, kFold's zeros and magic offsets. At head_dim >= 128 they go first, so
+    // that their chain's latency overlaps the P V mmas (at 64 that spilled at four blocks per SM).
+    const auto corrections = [&] {
+      if constexpr (kI8) mma<__half>(cz, make_uint4(0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u), b0, b1);  // ones
+      if constexpr (kFold) {
+        mma<__half>(cz, make_uint4(0u, za, 0u, zb), b0, b1);
+#pragma unroll
+        for (int j = 0; j < NC; ++j) {
+          const uint32_t a = g % NC == j ? 0xe400e400u : 0u;  // -1024 in fp16
+          mma<__half>(cz, make_uint4(a, 0u, a, 0u), bq[j][0], bq[j][1]);
+        }
+      }
+    };
+    if constexpr (kFold) {
+      const int jg = g % NC;
+      uint32_t zs[4];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        zs[t] = vm[t][0];
+#pragma unroll
+        for (int j = 1; j < NC; ++j) zs[t] = jg == j ? vm[t][j] : zs[t];
+      }
+      za = __byte_perm(zs[0], zs[1], 0x7632);
+      zb = __byte_perm(zs[2], zs[3], 0x7632);
+#pragma unroll
+      for (int j = 0; j < NC; ++j) {
+        bq[j][0] = h2_bits(__hmul2(as_h2(b0), as_h2(__byte_perm(vm[0][j], vm[1][j], 0x5410))));
+        bq[j][1] = h2_bits(__hmul2(as_h2(b1), as_h2(__byte_perm(vm[2][j], vm[3][j], 0x5410))));
+      }
+    }
+    if constexpr (D >= 128) corrections();
+    uint32_t vr[2][LV];  // value pairs (tokens 2c + 8 P, 2c + 8 P + 1) of the lane's channels
+#pragma unroll
+    for (int q = 0; q < NPC; ++q) {
+      unpack_piece(q, vw, vr);
+#pragma unroll
+      for (int u = 0; u < TPP; ++u) pv_tile(q * TPP + u, vr, bq, b0, b1);
+    }
+    if constexpr (D < 128) corrections();
+  };
+  // The ring: step st's stage is `slot`; the copies of steps before nx are issued, nx's goes to nslot.
+  int slot = 0, nx = w0 + (NS - 1) * kStep, nslot = NS - 1;
 #ifdef PAGEDKV_CTA_TIMES
   const uint64_t t_loop = global_ns();
 #endif
-  for (int st = w0; st < lim; st += kStep) {
-    const uint32_t flags = stage_flags >> (2 * slot);
-    const bool fast = flags & 1;
-    // This step's copies done (every lane's, after the warp barrier), and every lane done reading the
-    // stage of the step before, which the next copy refills.
-    cp_async_wait<NS - 2>();
+  for (int st = w0; st < lim;) {
+    // Every lane done reading the stages of the steps before st; the copies of the steps up to
+    // st + (NS - 1) kStep refill them (one, or two after a pair).
     __syncwarp();
-    const int nslot = slot == 0 ? NS - 1 : slot - 1;
-    stage_flags = (stage_flags & ~(3u << (2 * nslot))) | copy_step(st + (NS - 1) * kStep, nslot) << (2 * nslot);
+    while (nx < st + NS * kStep) {
+      stage_flags = (stage_flags & ~(3u << (2 * nslot))) | copy_step(nx, nslot) << (2 * nslot);
+      nx += kStep;
+      nslot = nslot + 1 == NS ? 0 : nslot + 1;
+    }
+    const int slot1 = slot + 1 == NS ? 0 : slot + 1;
+    const uint32_t flags = stage_flags >> (2 * slot) & 3u;
+    if constexpr (kPairs) {
+      // Two clean fast steps of one key group: one softmax update for 32 tokens, two independent
+      // score chains.
+      if ((flags & 1u) && (stage_flags >> (2 * slot1) & 3u) == 1u && mask == nullptr && st >= clean_lo &&
+          st + 2 * kStep <= clean_hi) {
+        cp_async_wait<NS - 2>();  // both steps' copies done (every lane's, after the warp barrier)
+        __syncwarp();
+        float sc[2][4], ks[2][2] = {{1.0f, 1.0f}, {1.0f, 1.0f}};
+        fast_scores(slot, flags, sc[0], ks[0]);
+        fast_scores(slot1, 0u, sc[1], ks[1]);
+        VWords vw;
+        VMeta vm;
+        float vs[2] = {1.0f, 1.0f};
+        read_values(slot, vw, vm, vs);  // its latency hides behind the softmax
+        scale_scores(sc[0], ks[0]);
+        scale_scores(sc[1], ks[1]);
+        softmax(sc);
+        fast_pv(vw, vm, vs, sc[0]);
+        read_values(slot1, vw, vm, vs);
+        fast_pv(vw, vm, vs, sc[1]);
+        st += 2 * kStep;
+        slot = slot1 + 1 == NS ? 0 : slot1 + 1;
+        continue;
+      }
+    }
+    cp_async_wait<NS - 1>();  // this step's copies done
+    __syncwarp();
+    const bool fast = flags & 1u;
     const bool clean = fast && mask == nullptr && st >= clean_lo && st + kStep <= clean_hi;
-    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
-    uint32_t vr[2][LV];  // value pairs (tokens 2c + 8 P, 2c + 8 P + 1) of the lane's channels
+    float sc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}}, ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};
+    VWords vw;
+    VMeta vm;
     bool tok_ok[2] = {true, true};
     // The key mask of tokens g, g + 8, loaded now so that its latency hides behind the step's math
     // (read where the softmax needs it, a dependent global load stalled every masked step).
@@ -645,53 +848,8 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       }
     }
     if (fast) {
-      read_keys(slot);
-      if constexpr (kFold) {
-        if (flags & 2) refold(slot);
-      }
-      // S^T for the 16 tokens, the mma fp16 / bf16 feeds on two accumulator chains (even / odd k-steps;
-      // kFold's odd chain starts from the score offsets kb).
-      float sx[4] = {kb[0], kb[1], kb[0], kb[1]};
-      if constexpr (FD == Feed::kPass) {
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk)
-          mma<TK>(kk % 2 ? sx : sc, make_uint4(kw[0][2 * kk], kw[1][2 * kk], kw[0][2 * kk + 1], kw[1][2 * kk + 1]), qa[kk][0],
-                  qa[kk][1]);
-      } else if constexpr (kI8) {
-        int ah[4] = {0, 0, 0, 0}, al[4] = {0, 0, 0, 0};  // sum(code q_hi), sum(code q_lo): two independent chains
-#pragma unroll
-        for (int kk = 0; kk < KS / 2; ++kk) {
-          const uint32_t* a = &kw[(4 * kk) / KW][(4 * kk) % KW];
-          mma_s8(ah, make_uint4(a[0], a[1], a[2], a[3]), qa[kk][0], qa[kk][1]);
-          mma_s8(al, make_uint4(a[0], a[1], a[2], a[3]), qa[KS / 2 + kk][0], qa[KS / 2 + kk][1]);
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) sc[i] = static_cast<float>(ah[i] * 254 + al[i]) * ksc[i & 1];  // |.| < 2^31 to head_dim 256
-      } else if constexpr (kTS) {
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-          uint32_t a0, a1, a2, a3;
-          key_word<F>(kw[0][kk], a0, a2);
-          key_word<F>(kw[1][kk], a1, a3);
-          mma<TK>(kk % 2 ? sx : sc, make_uint4(a0, a1, a2, a3), qa[kk][0], qa[kk][1]);
-        }
-      } else {
-#pragma unroll
-        for (int jw = 0; jw < KW; ++jw) {
-          uint32_t ra[PW / 2], rb[PW / 2];
-          unpack_lohi<BITS, T>(kw[0][jw], ra);
-          unpack_lohi<BITS, T>(kw[1][jw], rb);
-#pragma unroll
-          for (int u = 0; u < KPW; ++u)
-            mma<TK>((KPW * jw + u) % 2 ? sx : sc, make_uint4(ra[2 * u], rb[2 * u], ra[2 * u + 1], rb[2 * u + 1]),
-                    qa[KPW * jw + u][0], qa[KPW * jw + u][1]);
-        }
-      }
-      if constexpr (!kI8) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) sc[i] += sx[i];
-      }
-      read_values(slot);  // its latency hides behind the softmax
+      fast_scores(slot, flags, sc[0], ks);
+      read_values(slot, vw, vm, vs);  // its latency hides behind the softmax
     } else {
       // Generic step: entries one by one (block edges, the dense tail, absent blocks), dequantized in
       // fp32 and rounded; scores against the unfolded query.
@@ -721,110 +879,32 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #pragma unroll
           for (int sl = 0; sl < 4; ++sl) ch[sl] = key_channel<FD, PW>(kk, sl) - GW * u0;
           const uint2 b = sq[kk * 32 + lane];
-          mma<TK>(sc, make_uint4(pack2<TK>(xa[ch[0]], xa[ch[1]]), pack2<TK>(xb[ch[0]], xb[ch[1]]),
+          mma<TK>(sc[0], make_uint4(pack2<TK>(xa[ch[0]], xa[ch[1]]), pack2<TK>(xb[ch[0]], xb[ch[1]]),
                                  pack2<TK>(xa[ch[2]], xa[ch[3]]), pack2<TK>(xb[ch[2]], xb[ch[3]])), b.x, b.y);
         }
       }
     }
-    // Scale, cap, mask (base-2 logits); online softmax per row over the 16 tokens (lanes g = 0..7).
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float v = sc[i] * qk_scale * ks[i >> 1];
-      if (softcap) v = p.softcap * tanhf(v / p.softcap) * kLog2e;
-      sc[i] = v;
-    }
+    scale_scores(sc[0], ks);
     if (__builtin_expect(!clean, 0)) {  // a branch (predicated, its ~30 instructions issued on every clean step)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int e = st + 8 * (i >> 1) + g;
         const bool ok = tok_ok[i >> 1] && e >= lo_r[i & 1] && e <= hi_r[i & 1] && keep[i >> 1];
-        if (!ok) sc[i] = -INFINITY;
+        if (!ok) sc[0][i] = -INFINITY;
       }
     }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = fmaxf(sc[r], sc[2 + r]);
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-      const float mn = fmaxf(m[r], mx);
-      alpha[r] = mn == -INFINITY ? 1.0f : exp2_approx(m[r] - mn);
-      m[r] = mn;
-      const float p0 = mn == -INFINITY ? 0.0f : exp2_approx(sc[r] - mn);
-      const float p1 = mn == -INFINITY ? 0.0f : exp2_approx(sc[2 + r] - mn);
-      l[r] = l[r] * alpha[r] + (p0 + p1);
-      sc[r] = p0;
-      sc[2 + r] = p1;
-    }
-    if (alpha[0] != 1.0f || alpha[1] != 1.0f) {  // the running maxima rarely move late in a long sequence
-#pragma unroll
-      for (int t = 0; t < KS; ++t) {
-        o[t][0] *= alpha[0];
-        o[t][1] *= alpha[1];
-        o[t][2] *= alpha[0];
-        o[t][3] *= alpha[1];
-      }
-      if constexpr (kFold || kI8) {
-        cz[0] *= alpha[0];
-        cz[1] *= alpha[1];
-        cz[2] *= alpha[0];
-        cz[3] *= alpha[1];
-      }
-    }
-    // P^T as the B fragment (times the value scale for kTS: P diag(s) codes = P V).
-    const uint32_t b0 = transpose8x8(pack2<TV>(sc[0] * vs[0], sc[1] * vs[0]));
-    const uint32_t b1 = transpose8x8(pack2<TV>(sc[2] * vs[1], sc[3] * vs[1]));
-    // kFold fast steps: chunk j's m-tiles take P^T times the tokens' value scales of chunk j (the raw
-    // codes on A); m-tile 4 j + i holds channels 64 j + 8 g + value_lane_channel(i) (row g) and + 2
-    // (row g + 8), so one tile's codes share a scale. cz collects the rest: in row g, -1024 times
-    // chunk g % NC's scaled P^T (the magic's share, the same in odd tiles, which are then divided by
-    // HIV); in row g + 8, chunk g % NC's zeros against P^T (za, zb).
-    uint32_t bq[kFold ? NC : 1][2], za = 0u, zb = 0u;
-    // The cz mmas: int8's ones, kFold's zeros and magic offsets. At head_dim >= 128 they go first, so
-    // that their chain's latency overlaps the P V mmas (at 64 that spilled at four blocks per SM).
-    const auto corrections = [&] {
-      if constexpr (kI8) mma<__half>(cz, make_uint4(0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u), b0, b1);  // ones
-      if constexpr (kFold) {
-        mma<__half>(cz, make_uint4(0u, za, 0u, zb), b0, b1);
-#pragma unroll
-        for (int j = 0; j < NC; ++j) {
-          const uint32_t a = g % NC == j ? 0xe400e400u : 0u;  // -1024 in fp16
-          mma<__half>(cz, make_uint4(a, 0u, a, 0u), bq[j][0], bq[j][1]);
-        }
-      }
-    };
+    softmax(sc);
     if (fast) {
-      if constexpr (kFold) {
-        const int jg = g % NC;
-        uint32_t zs[4];
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-          zs[t] = vm[t][0];
-#pragma unroll
-          for (int j = 1; j < NC; ++j) zs[t] = jg == j ? vm[t][j] : zs[t];
-        }
-        za = __byte_perm(zs[0], zs[1], 0x7632);
-        zb = __byte_perm(zs[2], zs[3], 0x7632);
-#pragma unroll
-        for (int j = 0; j < NC; ++j) {
-          bq[j][0] = h2_bits(__hmul2(as_h2(b0), as_h2(__byte_perm(vm[0][j], vm[1][j], 0x5410))));
-          bq[j][1] = h2_bits(__hmul2(as_h2(b1), as_h2(__byte_perm(vm[2][j], vm[3][j], 0x5410))));
-        }
-      }
-      if constexpr (D >= 128) corrections();
-#pragma unroll
-      for (int q = 0; q < NPC; ++q) {
-        unpack_piece(q, vr);
-#pragma unroll
-        for (int u = 0; u < TPP; ++u) pv_tile(q * TPP + u, vr, bq, b0, b1);
-      }
+      fast_pv(vw, vm, vs, sc[0]);
     } else {
+      uint32_t b0, b1, bq[kFold ? NC : 1][2];
+      p_fragments(sc[0], vs, b0, b1);
 #pragma unroll
       for (int j = 0; j < (kFold ? NC : 1); ++j) {
         bq[j][0] = b0;
         bq[j][1] = b1;
       }
+      uint32_t vr[2][LV];
 #pragma unroll
       for (int P = 0; P < 2; ++P) {
         Tok ta, tb;
@@ -846,10 +926,8 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #pragma unroll
       for (int t = 0; t < KS; ++t) pv_tile(t, vr, bq, b0, b1);
     }
-    if constexpr (D < 128) {
-      if (fast) corrections();
-    }
-    slot = slot + 1 == NS ? 0 : slot + 1;
+    st += kStep;
+    slot = slot1;
   }
 #ifdef PAGEDKV_CTA_TIMES
   const uint64_t t_loop_end = global_ns();
