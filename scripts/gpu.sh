@@ -6,7 +6,8 @@
 # memcheck, and racecheck/synccheck on the attention kernels; profile (not part of all) = torch
 # profiler table and Nsight Compute sections of the decode attention kernel (PROFILE_ARGS); tp (not
 # part of all) = tensor-parallel decode, 1 rank and then every GPU of the machine (TP_ARGS); build =
-# only build. CUDA_FLAGS adds nvcc flags to the build (for example -DPAGEDKV_DECODE_BLOCKS=3).
+# only build. CUDA_FLAGS sets the build's extra nvcc flags (for example -DPAGEDKV_DECODE_BLOCKS=3; empty
+# resets them, so a warm machine's build dir does not keep an earlier call's flags).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHAT=" ${*:-all} "
@@ -24,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 python -c "import torch, transformers; print(torch.__version__, torch.version.cuda, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 PY=$(command -v python)
 t0=$(date +%s)
-CMAKE_ARGS="-DPython_EXECUTABLE=$PY${CUDA_FLAGS:+ -DCMAKE_CUDA_FLAGS=$CUDA_FLAGS}" PAGEDKV_CUDA=ON PAGEDKV_CUDA_ARCHS=90 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+CMAKE_ARGS="-DPython_EXECUTABLE=$PY '-DCMAKE_CUDA_FLAGS=${CUDA_FLAGS:-}'" PAGEDKV_CUDA=ON PAGEDKV_CUDA_ARCHS=90 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
   || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build ok ($(( $(date +%s) - t0 )) s)"
 # Deselected on the device: the exact-token stories260K bf16 test (it checks CPU SDPA bf16 numerics of

@@ -2,8 +2,9 @@
 # One device call for a decode-kernel change: build, the attention-op CUDA tests, the target-case
 # benchmark, Nsight Compute on the decode kernel per format (FMTS, default int4 int8), and the spill
 # instructions of its SASS (scripts/sass_spills.py). VARIANTS="name:NVCC_FLAGS ..." rebuilds with
-# extra CUDA flags (for example "b3:-DPAGEDKV_DECODE_BLOCKS=3") and repeats the benchmark and ncu.
-# NO_TESTS=1 skips the tests (a call that only measures). SOURCE=1 also exports the decode kernel's
+# extra CUDA flags (for example "b3:-DPAGEDKV_DECODE_BLOCKS=3"; commas separate several flags) and
+# repeats the benchmark and ncu.
+# BASE_FLAGS: the first build's flags (default none). NO_TESTS=1 skips the tests (a call that only measures). SOURCE=1 also exports the decode kernel's
 # per-instruction counters (executed instructions and stall samples per SASS instruction, ncu's source
 # page as CSV: $L/source_<fmt>_<variant>.csv; summarize with scripts/ncu_source.py).
 # Usage (device tool): bash scripts/kernel_iter.sh. Logs: $OUT/logs.tgz and the summary on stdout.
@@ -35,9 +36,9 @@ measure() {  # $1: variant name
 finish() { tar -C "$OUT" -czf "$OUT/logs.tgz" logs && rm -rf "$L"; }
 trap finish EXIT
 build() {  # $1: extra CUDA flags (scripts/gpu.sh build; its log goes to $OUT/build.log)
-  CUDA_FLAGS="$1" bash scripts/gpu.sh build
+  CUDA_FLAGS="${1//,/ }" bash scripts/gpu.sh build
 }
-build "" || exit 1
+build "${BASE_FLAGS:-}" || exit 1
 [[ -n ${NO_TESTS:-} ]] || timeout ${TEST_TIMEOUT:-240} python -m pytest tests/python/test_attention_op.py tests/python/test_cuda.py -q -x \
   -p no:cacheprovider 2>&1 | tee "$L/pytest.log" | tail -3
 measure base

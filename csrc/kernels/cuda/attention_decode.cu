@@ -20,9 +20,10 @@
 // correction mmas per step carry the zeros and the codes' magic offset (see the P V step); codes
 // unpack in one LOP3 per pair (unpack_lohi). Grid (split, KV head, sequence), 4 warps per block (Stage:
 // blocks per SM), each walking a contiguous run of aligned 16-token steps with its own online softmax
-// (base-2 exponentials), its page bytes arriving through a ring of shared-memory stages filled with
-// cp.async one or two steps ahead; warps merge in shared memory, partial results go to the merge
-// kernel (attention.cu).
+// (base-2 exponentials), quantized pages two clean steps at a time where they can (one softmax update
+// for 32 tokens, two independent score chains), its page bytes arriving through a ring of
+// shared-memory stages filled with cp.async ahead of the steps; warps merge in shared memory, partial
+// results go to the merge kernel (attention.cu).
 #include <algorithm>
 #include <cfloat>
 #include <climits>
@@ -127,7 +128,8 @@ __device__ __forceinline__ constexpr int key_channel(int kk, int sl) {
 __device__ __forceinline__ constexpr int value_lane_channel(int i) { return 4 * (i / 2) + i % 2; }
 
 // A fast step's page bytes go through a per-warp ring of NS shared-memory stages. At the top of each
-// step the warp copies, with 16-byte cp.async, the step NS - 1 ahead: its 16 key rows and 16 value
+// step (or pair) the warp refills the stages freed by the steps before, with 16-byte cp.async, so the
+// ring holds the NS steps from the current one: each step's 16 key rows and 16 value
 // rows (contiguous in the block), their token scales (int8 / fp8) or value (scale, zero) words
 // (int4 / int2), and for int4 / int2 at the first step of a key group that group's per-channel
 // (scale, zero) words, which the query refold reads. Loads stay in flight across steps without
@@ -180,12 +182,16 @@ struct Stage {
 #else
   static constexpr int kBlocks = D == 256 ? 2 : D == 128 && FD != Feed::kPass ? 3 : fit(4, 2) ? 4 : 3;
 #endif
-  // Pairs of steps (kFold; PAGEDKV_DECODE_PAIRS = 0 turns them off, 2 takes every quantized feed):
-  // the loop takes two clean fast steps of one key group at a time, so it waits for two stages and
-  // keeps NS - 2 in flight, up to six stages where they fit.
-  static constexpr bool kPairs = PAGEDKV_DECODE_PAIRS == 2 ? FD != Feed::kPass : PAGEDKV_DECODE_PAIRS == 1 && kFold;
+  // Pairs of steps for the quantized feeds (PAGEDKV_DECODE_PAIRS = 0 turns them off): the loop takes
+  // two clean fast steps (of one key group) at a time, so it waits for two stages and keeps NS - 2 in
+  // flight, with up to six stages where they fit.
+  static constexpr bool kPairs = PAGEDKV_DECODE_PAIRS && FD != Feed::kPass;
+#ifdef PAGEDKV_DECODE_STAGES  // experiments: stages per warp where they fit (else the most that fit)
+  static constexpr int NS = fit(kBlocks, PAGEDKV_DECODE_STAGES) ? PAGEDKV_DECODE_STAGES : fit(kBlocks, 4) ? 4 : fit(kBlocks, 3) ? 3 : 2;
+#else
   static constexpr int NS = kPairs && fit(kBlocks, 6) ? 6 : kPairs && fit(kBlocks, 5) ? 5 : kPairs && fit(kBlocks, 4) ? 4
                             : kSwz && fit(kBlocks, 4) ? 4 : fit(kBlocks, 3) ? 3 : 2;
+#endif
   static constexpr int kSmem = area(NS) + kOther;
 };
 
