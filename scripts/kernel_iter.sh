@@ -4,7 +4,7 @@
 # instructions of its SASS (scripts/sass_spills.py). VARIANTS="name:NVCC_FLAGS ..." rebuilds with
 # extra CUDA flags (for example "b3:-DPAGEDKV_DECODE_BLOCKS=3"; commas separate several flags) and
 # repeats the benchmark and ncu.
-# BASE_FLAGS: the first build's flags (default none). NO_TESTS=1 skips the tests (a call that only measures). SOURCE=1 also exports the decode kernel's
+# BASE_FLAGS: the first build's flags (default none); NCU_ARGS: extra ncu options (for example --clock-control none). NO_TESTS=1 skips the tests (a call that only measures). SOURCE=1 also exports the decode kernel's
 # per-instruction counters (executed instructions and stall samples per SASS instruction, ncu's source
 # page as CSV: $L/source_<fmt>_<variant>.csv; summarize with scripts/ncu_source.py).
 # Usage (device tool): bash scripts/kernel_iter.sh. Logs: $OUT/logs.tgz and the summary on stdout.
@@ -20,11 +20,11 @@ measure() {  # $1: variant name
     --formats ${BENCH_FORMATS:-bf16 int8 fp8_e4m3 int4 int2} --json "$L/attention_$1.json" 2>&1 \
     | tee "$L/attention_$1.log" | grep -E "^\| llama|copy bandwidth"
   for f in ${FMTS:-int4 int8}; do
-    "$NCU" --kernel-name regex:attention_decode --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+    "$NCU" ${NCU_ARGS:-} --kernel-name regex:attention_decode --launch-skip 2 --launch-count 1 --section SpeedOfLight \
       --section WarpStateStats --section InstructionStats --section LaunchStats --section Occupancy \
       --section SourceCounters python scripts/profile_attention.py --fmt "$f" --calls 2 --no-table > "$L/ncu_${f}_$1.log" 2>&1
     if [[ -n ${SOURCE:-} ]]; then
-      "$NCU" --kernel-name regex:attention_decode --launch-skip 2 --launch-count 1 --section SourceCounters \
+      "$NCU" ${NCU_ARGS:-} --kernel-name regex:attention_decode --launch-skip 2 --launch-count 1 --section SourceCounters \
         --section WarpStateStats -f -o "$L/rep_${f}_$1" python scripts/profile_attention.py --fmt "$f" --calls 2 --no-table \
         > "$L/ncu_src_${f}_$1.log" 2>&1
       "$NCU" -i "$L/rep_${f}_$1.ncu-rep" --page source --csv --print-source sass > "$L/source_${f}_$1.csv" 2>&1
