@@ -159,17 +159,9 @@ struct Stage {
   // distinct banks and four stages fit three blocks per SM; other rows are padded by one unit.
   static constexpr bool kSwz = kTS && CBT >= 128;
   static constexpr int RS = kSwz ? CBT : CBT + 16;  // a row in the stage
-  // int4 / int2 key rows of <= 64 bytes are unpadded: the 16-byte copies and the key reads of a
-  // quarter warp (two rows) then cover 128 contiguous bytes; their value rows keep the pad, which
-  // the lanes' 4-byte value reads need.
-#ifdef PAGEDKV_DECODE_PADDED_KEYS  // experiments: every key row padded
-  static constexpr int RSK = RS;
-#else
-  static constexpr int RSK = kFold && CBT <= 64 ? CBT : RS;  // a key row in the stage
-#endif
   static constexpr int GS = D + 16;          // kFold: a lane quarter's (D / 4 channels) group words, padded
   static constexpr int kK = 0;               // 16 key rows
-  static constexpr int kV = kK + kStep * RSK;  // 16 value rows
+  static constexpr int kV = kK + kStep * RS;  // 16 value rows
   static constexpr int kM = kV + kStep * RS;  // kTS: 16 key then 16 value scales; kFold: value (scale, zero), D / 64 per token
   static constexpr int kMB = kTS ? 2 * 4 * kStep : kFold ? 4 * kStep * D / 64 : 0;
   static constexpr int kG = kM + kMB;        // kFold: the key group's (scale, zero) words, 4 x GS
@@ -372,14 +364,14 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   constexpr bool kSwz = SG::kSwz;
   // Copies: row lane / U + 32 i / U, unit lane % U (swizzled: XOR the row's low 3 bits, which are
   // (lane / U) ^ (32 i / U) there since lane / U < 32 / U).
-  const int cp_row = (lane / U) * SG::RS, cp_rowk = (lane / U) * SG::RSK, cp_unit = 16 * (kSwz ? (lane % U) ^ ((lane / U) & 7) : lane % U);
+  const int cp_row = (lane / U) * SG::RS, cp_unit = 16 * (kSwz ? (lane % U) ^ ((lane / U) & 7) : lane % U);
   const int cp_grp = (lane / (D / 16)) * SG::GS + (lane % (D / 16)) * 16;
   const int vshift = vg_shift - 6;  // value groups of 64 << vshift channels
   // Reads: keys of token g at quarter c, values of token 2c (kFold: channels 8 g of each chunk; int2
   // inside an aligned word), value (scale, zero) words of token 2c, token scales of token g.
   // Swizzled rows: a row part plus a unit part that later units XOR (units (KW / 4) c + i of row g or
   // g + 8 for keys, (VW / 4) g + i of row 2c + dr for values).
-  const int rd_key = kSwz ? g * SG::RS : g * SG::RSK + c * (KW * 4);
+  const int rd_key = kSwz ? g * SG::RS : g * SG::RS + c * (KW * 4);
   const int rk_unit = 16 * ((KW / 4 * c) ^ g);
   // kI8: the row of ldsm_x4's matrix lane / 8 (token lane % 8 + 8 (lane / 8 % 2), bytes 16 (lane / 16) on).
   const int rd_key8 = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SG::RS + 16 * (kSwz ? (lane >> 4) ^ (lane & 7) : lane >> 4);
@@ -401,9 +393,9 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #pragma unroll
       for (int i = 0; i < (CBT + 31) / 32; ++i) {  // 16 rows of CBT bytes: CBT units of 16 bytes
         if (CBT % 32 == 0 || lane + 32 * i < CBT) {
-          const int unit = kSwz ? cp_unit ^ (16 * ((32 * i / U) & 7)) : cp_unit;
-          cp_async<16>(sb + SG::kK + cp_rowk + (32 * i / U) * SG::RSK + unit, krow + 512 * i);
-          cp_async<16>(sb + SG::kV + cp_row + (32 * i / U) * SG::RS + unit, vrow + 512 * i);
+          const int off = cp_row + (32 * i / U) * SG::RS + (kSwz ? cp_unit ^ (16 * ((32 * i / U) & 7)) : cp_unit);
+          cp_async<16>(sb + SG::kK + off, krow + 512 * i);
+          cp_async<16>(sb + SG::kV + off, vrow + 512 * i);
         }
       }
       if constexpr (kTS) {  // 16 key scales, then 16 value scales: 4 + 4 units
@@ -442,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       } else {
 #pragma unroll
         for (int i = 0; i < (KW + 3) / 4; ++i)  // 16-byte units (int2 at head_dim 64: 4 bytes)
-          load_words<KW < 4 ? KW : 4>(sb + SG::kK + rd_key + 8 * t * SG::RSK + (kSwz ? rk_unit ^ (16 * i) : 16 * i), kw[t] + 4 * i);
+          load_words<KW < 4 ? KW : 4>(sb + SG::kK + rd_key + 8 * t * SG::RS + (kSwz ? rk_unit ^ (16 * i) : 16 * i), kw[t] + 4 * i);
       }
       if constexpr (kTS) ks[t] = *reinterpret_cast<const float*>(sb + SG::kM + 4 * (8 * t + g));
     }
