@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   float cz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
   // A fast step's keys and values in registers, read from its stage: key words, value words, kFold's
-  // value (scale, zero) words; kTS: the token scales of tokens g, g + 8 (keys) and 2c.. (values).
+  // value (scale, zero) words (the kTS key and value scales of tokens g, g + 8 go to float[2] arrays).
   using KWords = uint32_t[2][KW];
   using VWords = uint32_t[4][kFold ? NC : VW];
   using VMeta = uint32_t[4][kFold ? NC : 1];
