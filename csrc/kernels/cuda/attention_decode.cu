@@ -820,31 +820,16 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
         float sc[2][4], ks[2][2] = {{1.0f, 1.0f}, {1.0f, 1.0f}};
         fast_scores(slot, flags, sc[0], ks[0]);
         fast_scores(slot1, 0u, sc[1], ks[1]);
-#ifndef PAGEDKV_DECODE_PV_ROLLED
         VWords vw;
         VMeta vm;
         float vs[2] = {1.0f, 1.0f};
         read_values(slot, vw, vm, vs);  // its latency hides behind the softmax
-#endif
         scale_scores(sc[0], ks[0]);
         scale_scores(sc[1], ks[1]);
         softmax(sc);
-#ifdef PAGEDKV_DECODE_PV_ROLLED  // experiment: one copy of the P V code for both steps (instruction cache)
-#pragma unroll 1
-        for (int hs = 0; hs < 2; ++hs) {
-          VWords vw;
-          VMeta vm;
-          float vs[2] = {1.0f, 1.0f}, pr[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) pr[i] = hs ? sc[1][i] : sc[0][i];
-          read_values(hs ? slot1 : slot, vw, vm, vs);
-          fast_pv(vw, vm, vs, pr);
-        }
-#else
         fast_pv(vw, vm, vs, sc[0]);
         read_values(slot1, vw, vm, vs);
         fast_pv(vw, vm, vs, sc[1]);
-#endif
         st += 2 * kStep;
         slot = slot1 + 1 == NS ? 0 : slot1 + 1;
         continue;
