@@ -159,17 +159,21 @@ __device__ __forceinline__ float load_scalar(const void* base, DType dt, int64_t
   }
 }
 
-// Channel d of query row gr (query token gr / gqa of head h * gqa + gr % gqa) of sequence s, as fp32.
-__device__ __forceinline__ float query_at(const KParams& p, int s, int h, int gr, int D, int d) {
+// Element index of channel 0 of query row gr (query token gr / gqa of head h * gqa + gr % gqa) of sequence s.
+__device__ __forceinline__ int64_t query_row(const KParams& p, int s, int h, int gr, int D) {
   const int t = gr / p.gqa, j = gr % p.gqa;
-  return load_scalar(p.q, p.dtype, ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D + d);
+  return ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D;
+}
+
+// Channel d of query row gr of sequence s, as fp32.
+__device__ __forceinline__ float query_at(const KParams& p, int s, int h, int gr, int D, int d) {
+  return load_scalar(p.q, p.dtype, query_row(p, s, h, gr, D) + d);
 }
 
 // Channels [d0, d0 + 8) of query row gr as fp32: 8 independent loads (one round trip), the dtype
 // switched once.
 __device__ __forceinline__ void query8(const KParams& p, int s, int h, int gr, int D, int d0, float* x) {
-  const int t = gr / p.gqa, j = gr % p.gqa;
-  const int64_t i0 = ((static_cast<int64_t>(s) * p.Hq + h * p.gqa + j) * p.Lq + t) * D + d0;
+  const int64_t i0 = query_row(p, s, h, gr, D) + d0;
   if (p.dtype == DType::kF32) {
     const float* q = static_cast<const float*>(p.q) + i0;
 #pragma unroll

@@ -186,11 +186,12 @@ struct Stage {
   // two clean fast steps (of one key group) at a time, so it waits for two stages and keeps NS - 2 in
   // flight, with up to six stages where they fit.
   static constexpr bool kPairs = PAGEDKV_DECODE_PAIRS && FD != Feed::kPass;
-#ifdef PAGEDKV_DECODE_STAGES  // experiments: stages per warp where they fit (else the most that fit)
-  static constexpr int NS = fit(kBlocks, PAGEDKV_DECODE_STAGES) ? PAGEDKV_DECODE_STAGES : fit(kBlocks, 4) ? 4 : fit(kBlocks, 3) ? 3 : 2;
+  // The most stages, up to n, that fit kBlocks blocks per SM (two at the least; the kernel asserts they fit).
+  static constexpr int most_stages(int n) { return n <= 2 || fit(kBlocks, n) ? n : most_stages(n - 1); }
+#ifdef PAGEDKV_DECODE_STAGES  // experiments: stages per warp (the most that fit, up to this)
+  static constexpr int NS = most_stages(PAGEDKV_DECODE_STAGES);
 #else
-  static constexpr int NS = kPairs && fit(kBlocks, 6) ? 6 : kPairs && fit(kBlocks, 5) ? 5 : kPairs && fit(kBlocks, 4) ? 4
-                            : kSwz && fit(kBlocks, 4) ? 4 : fit(kBlocks, 3) ? 3 : 2;
+  static constexpr int NS = most_stages(kPairs ? 6 : kSwz ? 4 : 3);
 #endif
   static constexpr int kSmem = area(NS) + kOther;
 };
@@ -813,8 +814,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     if constexpr (kPairs) {
       // Two clean fast steps of one key group: one softmax update for 32 tokens, two independent
       // score chains.
-      if ((flags & 1u) && (stage_flags >> (2 * slot1) & 3u) == 1u && mask == nullptr && st >= clean_lo &&
-          st + 2 * kStep <= clean_hi) {
+      if ((flags & 1u) && (stage_flags >> (2 * slot1) & 3u) == 1u && mask == nullptr && st >= clean_lo && st + 2 * kStep <= clean_hi) {
         cp_async_wait<NS - 2>();  // both steps' copies done (every lane's, after the warp barrier)
         __syncwarp();
         float sc[2][4], ks[2][2] = {{1.0f, 1.0f}, {1.0f, 1.0f}};
