@@ -147,6 +147,9 @@ constexpr Feed decode_feed() {
 #ifndef PAGEDKV_DECODE_PAIRS
 #define PAGEDKV_DECODE_PAIRS 1
 #endif
+#ifndef PAGEDKV_DECODE_UNPADDED
+#define PAGEDKV_DECODE_UNPADDED 1
+#endif
 
 template <int D, Format F>
 struct Stage {
@@ -156,9 +159,14 @@ struct Stage {
   static constexpr int CBT = D * BITS / 8;  // code bytes per token (a row)
   // 8-bit rows of >= 8 16-byte units (int8 / fp8 at head_dim >= 128) are stored unpadded with an XOR
   // swizzle (unit u of row r at unit u ^ (r & 7)), so the lanes' reads (ldmatrix, 16-byte loads) hit
-  // distinct banks and four stages fit three blocks per SM; other rows are padded by one unit.
+  // distinct banks and four stages fit three blocks per SM. kFold rows are stored unpadded as they
+  // are (PAGEDKV_DECODE_UNPADDED = 0: padded): a warp's cp.async then writes 512 contiguous bytes, where
+  // padded rows split its requests over 1.5x the L2 sectors (ncu, int4 at head_dim 128); the value
+  // reads keep apart in the banks by their token order (vswap in the kernel). Other rows are padded
+  // by one unit.
   static constexpr bool kSwz = kTS && CBT >= 128;
-  static constexpr int RS = kSwz ? CBT : CBT + 16;  // a row in the stage
+  static constexpr bool kPacked = kSwz || (kFold && PAGEDKV_DECODE_UNPADDED);
+  static constexpr int RS = kPacked ? CBT : CBT + 16;  // a row in the stage
   static constexpr int GS = D + 16;          // kFold: a lane quarter's (D / 4 channels) group words, padded
   static constexpr int kK = 0;               // 16 key rows
   static constexpr int kV = kK + kStep * RS;  // 16 value rows
@@ -377,6 +385,16 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   // kI8: the row of ldsm_x4's matrix lane / 8 (token lane % 8 + 8 (lane / 8 % 2), bytes 16 (lane / 16) on).
   const int rd_key8 = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SG::RS + 16 * (kSwz ? (lane >> 4) ^ (lane & 7) : lane >> 4);
   const int rd_val = 2 * c * SG::RS + (kFold ? (BITS == 4 ? 4 * g : 4 * (g >> 1)) : kSwz ? 0 : g * (VW * 4));
+  // kFold, unpacked rows (RS = CBT, a power of two): the lanes of quarter c read their value tokens
+  // 2c + dr with each pair (dr, dr + 1) swapped where vswap is set, so that in one load the four
+  // quarters' rows lie in different banks (2c CBT bytes apart, rows of quarters c and c + 2 share
+  // banks at CBT = 32, all four at 64 (of which this leaves two); 16 needs no swap, 128 gets no help);
+  // unpack_piece puts the pairs back in order with its byte permutes. rdv[0 / 1]: the even / odd
+  // token's row offset (rows 2c + vswap and its XOR-1 neighbour).
+  constexpr bool kFoldPacked = kFold && SG::RS == CBT;
+  const int vswap = !kFoldPacked ? 0 : CBT == 64 ? (c & 1) : CBT == 32 ? (c >> 1) : 0;
+  const int rdv[2] = {rd_val + vswap * SG::RS, (rd_val + vswap * SG::RS) ^ SG::RS};
+  const uint32_t vsel = vswap ? 0x1054u : 0x5410u;  // byte_perm(b, a, vsel) = byte_perm(a, b, 0x5410) when swapped
   const int rv_unit = 16 * ((VW / 4 * g) ^ (2 * c));
   // Starts the copy of step st (when it is a fast step) into stage `slot`: cp.async, 16 bytes at a time
   // (kFold's value (scale, zero) words 4 at a time, one per 64 channels whatever the value group).
@@ -447,9 +465,10 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     for (int t = 0; t < 4; ++t) {
       const int dr = (t & 1) + 8 * (t >> 1);  // token 2c + dr
       if constexpr (kFold) {
+        const uint8_t* const row = sb + SG::kV + rdv[t & 1] + 8 * (t >> 1) * SG::RS;  // token 2c + (dr ^ vswap)
 #pragma unroll
         for (int j = 0; j < NC; ++j) {
-          vw[t][j] = *reinterpret_cast<const uint32_t*>(sv + dr * SG::RS + 8 * BITS * j);
+          vw[t][j] = *reinterpret_cast<const uint32_t*>(row + 8 * BITS * j);
           if constexpr (BITS == 2) vw[t][j] >>= 16 * (g & 1);
           vm[t][j] = *reinterpret_cast<const uint32_t*>(sb + SG::kM + 4 * ((2 * c + dr) * NC + j));
         }
@@ -488,10 +507,10 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       } else if constexpr (kTS) {
         value_words<F, kI8>(wa, wb, &vr[P][4 * q]);
       } else if constexpr (BITS == 4) {  // raw codes: vr[P][8 q + i] = channel 64 q + 8 g + i, 1024 + code (odd i: HIV x code)
-        unpack_lohi<4, __half>(__byte_perm(wa, wb, 0x5410), &vr[P][8 * q]);
-        unpack_lohi<4, __half>(__byte_perm(wa, wb, 0x7632), &vr[P][8 * q + 4]);
+        unpack_lohi<4, __half>(__byte_perm(wa, wb, vsel), &vr[P][8 * q]);
+        unpack_lohi<4, __half>(__byte_perm(wa, wb, vsel + 0x2222u), &vr[P][8 * q + 4]);  // 0x7632 / 0x3276
       } else {
-        unpack_lohi<2, __half>(__byte_perm(wa, wb, 0x5410), &vr[P][8 * q]);
+        unpack_lohi<2, __half>(__byte_perm(wa, wb, vsel), &vr[P][8 * q]);
       }
     }
   };
