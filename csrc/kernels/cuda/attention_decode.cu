@@ -135,8 +135,9 @@ __device__ __forceinline__ constexpr int value_lane_channel(int i) { return 4 * 
 // (scale, zero) words, which the query refold reads. Loads stay in flight across steps without
 // holding registers; after cp.async.wait_group and a warp barrier each lane reads its own operands
 // where it needs them (keys before the score mma, values after the softmax), at a fixed per-lane
-// offset plus a constant. Rows are padded by 16 bytes (8-bit rows of >= 128 bytes: XOR-swizzled
-// instead, Stage::kSwz), so the lanes' reads spread over the banks.
+// offset plus a constant. Rows are padded by 16 bytes, except 8-bit rows of >= 128 bytes (XOR-swizzled,
+// Stage::kSwz) and int4 / int2 rows (packed, their values read in a per-quarter token order: vswap),
+// so the lanes' reads spread over the banks.
 // The decode feed of a format: 16-bit pages as stored, int8 / fp8 with token scales, int4 / int2 folded.
 template <Format F>
 constexpr Feed decode_feed() {
