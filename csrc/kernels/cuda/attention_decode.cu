@@ -160,8 +160,8 @@ struct Stage {
   static constexpr int CBT = D * BITS / 8;  // code bytes per token (a row)
   // 8-bit rows of >= 8 16-byte units (int8 / fp8 at head_dim >= 128) are stored unpadded with an XOR
   // swizzle (unit u of row r at unit u ^ (r & 7)), so the lanes' reads (ldmatrix, 16-byte loads) hit
-  // distinct banks and four stages fit three blocks per SM. kFold rows are stored unpadded as they
-  // are (PAGEDKV_DECODE_UNPADDED = 0: padded): a warp's cp.async then writes 512 contiguous bytes, where
+  // distinct banks and four stages fit three blocks per SM. kFold rows are packed, as in the pages
+  // (PAGEDKV_DECODE_UNPADDED = 0: padded): a warp's cp.async then writes 512 contiguous bytes, where
   // padded rows split its requests over 1.5x the L2 sectors (ncu, int4 at head_dim 128); the value
   // reads keep apart in the banks by their token order (vswap in the kernel). Other rows are padded
   // by one unit.
@@ -386,12 +386,12 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   // kI8: the row of ldsm_x4's matrix lane / 8 (token lane % 8 + 8 (lane / 8 % 2), bytes 16 (lane / 16) on).
   const int rd_key8 = ((lane & 7) + 8 * ((lane >> 3) & 1)) * SG::RS + 16 * (kSwz ? (lane >> 4) ^ (lane & 7) : lane >> 4);
   const int rd_val = 2 * c * SG::RS + (kFold ? (BITS == 4 ? 4 * g : 4 * (g >> 1)) : kSwz ? 0 : g * (VW * 4));
-  // kFold, unpacked rows (RS = CBT, a power of two): the lanes of quarter c read their value tokens
-  // 2c + dr with each pair (dr, dr + 1) swapped where vswap is set, so that in one load the four
-  // quarters' rows lie in different banks (2c CBT bytes apart, rows of quarters c and c + 2 share
-  // banks at CBT = 32, all four at 64 (of which this leaves two); 16 needs no swap, 128 gets no help);
-  // unpack_piece puts the pairs back in order with its byte permutes. rdv[0 / 1]: the even / odd
-  // token's row offset (rows 2c + vswap and its XOR-1 neighbour).
+  // kFold, packed rows (RS = CBT, a power of two): in one value load the four lane quarters read rows
+  // 2c + dr, 2 CBT bytes apart, so at CBT = 32 quarters c and c + 2 share banks and at 64 all four do.
+  // Where vswap is set, a lane reads each token pair (dr, dr + 1) in swapped order, which moves its
+  // quarter to the other half of the banks: conflict-free at 32, 2-way at 64 (16 needs no swap, 128
+  // stays 4-way). unpack_piece's byte permutes put the pairs back in order. rdv[0 / 1]: the even /
+  // odd token's row offset (rows 2c + vswap and its XOR-1 neighbour).
   constexpr bool kFoldPacked = kFold && SG::RS == CBT;
   const int vswap = !kFoldPacked ? 0 : CBT == 64 ? (c & 1) : CBT == 32 ? (c >> 1) : 0;
   const int rdv[2] = {rd_val + vswap * SG::RS, (rd_val + vswap * SG::RS) ^ SG::RS};
