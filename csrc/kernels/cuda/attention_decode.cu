@@ -392,8 +392,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   // quarter to the other half of the banks: conflict-free at 32, 2-way at 64 (16 needs no swap, 128
   // stays 4-way). unpack_piece's byte permutes put the pairs back in order. rdv[0 / 1]: the even /
   // odd token's row offset (rows 2c + vswap and its XOR-1 neighbour).
-  constexpr bool kFoldPacked = kFold && SG::RS == CBT;
-  const int vswap = !kFoldPacked ? 0 : CBT == 64 ? (c & 1) : CBT == 32 ? (c >> 1) : 0;
+  const int vswap = !(kFold && SG::kPacked) ? 0 : CBT == 64 ? (c & 1) : CBT == 32 ? (c >> 1) : 0;
   const int rdv[2] = {rd_val + vswap * SG::RS, (rd_val + vswap * SG::RS) ^ SG::RS};
   const uint32_t vsel = vswap ? 0x1054u : 0x5410u;  // byte_perm(b, a, vsel) = byte_perm(a, b, 0x5410) when swapped
   const int rv_unit = 16 * ((VW / 4 * g) ^ (2 * c));
@@ -461,7 +460,6 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   };
   const auto read_values = [&](int slot, VWords& vw, VMeta& vm, float (&vs)[2]) {
     const uint8_t* const sb = wstage + slot * SG::kBytes;
-    const uint8_t* const sv = sb + SG::kV + rd_val;
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
       const int dr = (t & 1) + 8 * (t >> 1);  // token 2c + dr
@@ -474,6 +472,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
           vm[t][j] = *reinterpret_cast<const uint32_t*>(sb + SG::kM + 4 * ((2 * c + dr) * NC + j));
         }
       } else {
+        const uint8_t* const sv = sb + SG::kV + rd_val;
 #pragma unroll
         for (int i = 0; i < (VW + 3) / 4; ++i)
           load_words<VW < 4 ? VW : 4>(sv + dr * SG::RS + (kSwz ? rv_unit ^ (16 * (i ^ (dr & 1))) : 16 * i), vw[t] + 4 * i);
