@@ -1,5 +1,6 @@
 """Where a decode-attention call's device time goes, kernel by kernel, against context length: the
-stream time per call (calls back to back), each kernel's duration and the idle gaps between them, for
+stream time per call (calls back to back), the graph time per call (calls replayed from one CUDA
+graph: no host time), each kernel's duration and the idle gaps between them, for
 our op per format and for SDPA on a dense bf16 cache. A line through time against context separates
 the per-token cost (slope) from the fixed cost per call (intercept). GPU only.
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedkv.bench.attention import SHAPES, Pages
-from pagedkv.bench.timing import stream_time_us
+from pagedkv.bench.timing import graph_time_us, stream_time_us
 from pagedkv.config import DEFAULT_BLOCK_SIZE
 
 
@@ -65,8 +66,8 @@ def main() -> None:
     hq, hkv, d = SHAPES[a.shape]
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}, {a.shape} heads, batch {a.batch}, {DEFAULT_BLOCK_SIZE}-token pages")
-    print("| method | context | stream µs | kernels µs (mean per call) | idle µs between kernels |")
-    print("|---|---|---|---|---|")
+    print("| method | context | stream µs | graph µs | kernels µs (mean per call) | idle µs between kernels |")
+    print("|---|---|---|---|---|---|")
     lines: dict[str, tuple[list[float], list[float]]] = {}
     for n in a.context:
         q = torch.randn(a.batch, hq, 1, d, device=dev, dtype=torch.bfloat16)
@@ -77,9 +78,10 @@ def main() -> None:
         methods.update({f: (lambda p=p: p(q)) for f, p in pages.items()})
         for name, fn in methods.items():
             us = stream_time_us(fn, dev, reps=a.reps)
+            gus = graph_time_us(fn, reps=a.reps)
             per, idle = kernel_trace(fn, a.calls)
             ks = ", ".join(f"{short(kn)} {t:.1f}" for kn, t in sorted(per.items(), key=lambda x: -x[1]))
-            print(f"| {name} | {n} | {us:.1f} | {ks} | {idle:.1f} |", flush=True)
+            print(f"| {name} | {n} | {us:.1f} | {gus:.1f} | {ks} | {idle:.1f} |", flush=True)
             xs, ys = lines.setdefault(name, ([], []))
             xs.append(n / 1024)
             ys.append(us)

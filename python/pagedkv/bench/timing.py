@@ -56,6 +56,33 @@ def stream_time_us(fn: Callable[[], Any], device: torch.device, reps: int = 20, 
     return statistics.median(times)
 
 
+def graph_time_us(fn: Callable[[], Any], reps: int = 20, groups: int = 5) -> float:
+    """Device time per call with no host time at all: ``reps`` calls captured in one CUDA graph, the
+    median over ``groups`` replays of (events around a replay) / reps. GPU only; ``fn`` must be
+    capturable (no host synchronization, no allocation outside the caching allocator)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up on a side stream, as torch's capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(groups):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / reps)
+    return statistics.median(times)
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
     """Measured device-to-device copy bandwidth (bytes read + written per second), GB/s."""
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_()
