@@ -1,5 +1,6 @@
 """Decode attention with the query in bf16 against fp16 on the same pages (int4 / int2 / int8, Llama-3-8B
-heads, batch 8, 32k, 64-token pages): what the bf16 feed's extra unpacking costs. Stream time, two rounds.
+heads, batch 8, 32k, 64-token pages; random keys, which also serve as the values): what the bf16 feed's extra
+unpacking costs. Stream time, two rounds.
 
     python scripts/dtype_probe.py
 """

@@ -44,16 +44,12 @@ def stream_time_us(fn: Callable[[], Any], device: torch.device, reps: int = 20, 
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(groups):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+
+    def run() -> None:
         for _ in range(reps):
             fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    return statistics.median(times)
+
+    return _events_per_call_us(run, reps, groups)
 
 
 def graph_time_us(fn: Callable[[], Any], reps: int = 20, groups: int = 5) -> float:
@@ -72,14 +68,19 @@ def graph_time_us(fn: Callable[[], Any], reps: int = 20, groups: int = 5) -> flo
             fn()
     graph.replay()
     torch.cuda.synchronize()
+    return _events_per_call_us(graph.replay, reps, groups)
+
+
+def _events_per_call_us(run: Callable[[], Any], calls: int, groups: int) -> float:
+    """Median over ``groups`` of (CUDA events around ``run``, which issues ``calls`` calls) / calls, µs."""
     times = []
     for _ in range(groups):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        graph.replay()
+        run()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
+        times.append(a.elapsed_time(b) * 1e3 / calls)
     return statistics.median(times)
 
 
