@@ -63,6 +63,12 @@ __device__ __forceinline__ void cp_async(void* dst, const void* src) {
   if constexpr (N == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
   else asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(a), "l"(src), "n"(N));
 }
+// The same for a 16-byte copy to a 32-bit shared address.
+template <int N>
+__device__ __forceinline__ void cp_async_s(uint32_t dst, const void* src) {
+  static_assert(N == 16, "cp_async_s copies 16 bytes");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {

@@ -151,6 +151,9 @@ constexpr Feed decode_feed() {
 #ifndef PAGEDKV_DECODE_UNPADDED
 #define PAGEDKV_DECODE_UNPADDED 1
 #endif
+#ifndef PAGEDKV_DECODE_CURSOR
+#define PAGEDKV_DECODE_CURSOR 1
+#endif
 
 template <int D, Format F>
 struct Stage {
@@ -334,8 +337,8 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   const int per_warp = (ie1 - a0 + kStep * kWarps - 1) / (kStep * kWarps) * kStep;
   const int w0 = a0 + warp * per_warp, lim = min(w0 + per_warp, ie1), wlo = max(w0, ie0);
   const int kg_shift = __ffs(p.k.L.group) - 1, vg_shift = __ffs(p.v.L.group) - 1;
-  // Fast steps with no masking: inside every row's window, no key mask.
-  const int clean_lo = max(wlo, lo_max), clean_hi = min(lim, hi_min + 1);
+  // Fast steps with no masking: inside every row's window, no key mask (with one, no step is clean).
+  const int clean_lo = max(wlo, lo_max), clean_hi = p.mask ? INT_MIN : min(lim, hi_min + 1);
   const bool softcap = p.softcap > 0.0f;
   const float qk_scale = softcap ? p.scale : p.scale * kLog2e;
 
@@ -353,17 +356,36 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   using KWords = uint32_t[2][KW];
   using VWords = uint32_t[4][kFold ? NC : VW];
   using VMeta = uint32_t[4][kFold ? NC : 1];
-  // A step's page-head pair (null when not fast: not whole in the warp's range or in one existing block).
-  // The column table reads through a 32-bit shared address taken once (indexed through the array, every
-  // step recomputed its shared window address, S2R SR_CgaCtaId included).
+  // A step's page-head pair, offset by the lane's 16 bytes (a lane copies 16-byte units lane + 32 i
+  // of each region); null when the step is not fast (not whole in the warp's range, or its block
+  // absent). Copies walk the warp's steps in order, so the column looked up last is kept: a 64-token
+  // page's four steps read it once (PAGEDKV_DECODE_CURSOR = 0: every step looks its column up, and
+  // copies address the stage unit by unit). The column table reads through a 32-bit shared address
+  // taken once (indexed through the array, every lookup recomputed its shared window address).
+  const int fast_last = min(lim, static_cast<int>(plen)) - kStep;  // fast steps start in [wlo, fast_last]
+  constexpr bool kCursor = PAGEDKV_DECODE_CURSOR && FD != Feed::kPass;  // 16-bit pages: it spilled
+  int cur_col = INT_MIN;
+  const uint8_t *cur_k = nullptr, *cur_v = nullptr;
   const auto step_heads = [&](int st, const uint8_t*& kh, const uint8_t*& vh, int& off0) {
     const int pos0 = isk + st;
     const int scol = (pos0 >> bs_shift) - col0;
     off0 = pos0 & bmask;
     kh = vh = nullptr;
-    if (st >= wlo && st + kStep <= lim && st + kStep <= plen) heads.get(scol, kh, vh);
+    if (st >= wlo && st <= fast_last) {
+      if (!kCursor || scol != cur_col) {
+        heads.get(scol, cur_k, cur_v);
+        if (cur_k != nullptr) {
+          cur_k += 16 * lane;
+          cur_v += 16 * lane;
+        }
+        cur_col = scol;
+      }
+      kh = cur_k;
+      vh = cur_v;
+    }
   };
   uint8_t* const wstage = stages + warp * NS * SG::kBytes;
+  const uint32_t lane_stage = static_cast<uint32_t>(__cvta_generic_to_shared(wstage)) + 16 * lane;  // shared address
   // Step st's key group needs its (scale, zero) words (kFold): the first step of a group or of the
   // warp's range (fast steps of one group are contiguous, so this is where the refold runs).
   const auto group_start = [&](int st, int off0) { return (off0 & (p.k.L.group - 1)) < kStep || st < wlo + kStep; };
@@ -397,41 +419,58 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
   const uint32_t vsel = vswap ? 0x1054u : 0x5410u;  // byte_perm(b, a, vsel) = byte_perm(a, b, 0x5410) when swapped
   const int rv_unit = 16 * ((VW / 4 * g) ^ (2 * c));
   // Starts the copy of step st (when it is a fast step) into stage `slot`: cp.async, 16 bytes at a time
-  // (kFold's value (scale, zero) words 4 at a time, one per 64 channels whatever the value group).
+  // (kFold's value (scale, zero) words, one per 64 channels whatever the value group: 16 bytes a lane
+  // where the groups are 64 channels, else a word at a time).
   // Returns the stage's flags: 1 = a fast step, 2 = its key group's words copied (the refold runs).
   const auto copy_step = [&](int st, int slot) -> uint32_t {
-    const uint8_t *kh, *vh;
+    const uint8_t *kh, *vh;  // the lane's 16 bytes on
     int off0;
     step_heads(st, kh, vh, off0);
     uint32_t flags = 0;
     if (kh != nullptr) {
       flags = 1;
       uint8_t* const sb = wstage + slot * SG::kBytes;
-      const uint8_t* const krow = kh + off0 * CBT + 16 * lane;
-      const uint8_t* const vrow = vh + off0 * CBT + 16 * lane;
+      const uint8_t* const krow = kh + off0 * CBT;
+      const uint8_t* const vrow = vh + off0 * CBT;
+      if constexpr (kCursor && kFold && SG::kPacked) {  // packed rows: unit lane + 32 i at 16 (lane + 32 i), as in the page
+        const uint32_t sl = lane_stage + slot * SG::kBytes;
 #pragma unroll
-      for (int i = 0; i < (CBT + 31) / 32; ++i) {  // 16 rows of CBT bytes: CBT units of 16 bytes
-        if (CBT % 32 == 0 || lane + 32 * i < CBT) {
-          const int off = cp_row + (32 * i / U) * SG::RS + (kSwz ? cp_unit ^ (16 * ((32 * i / U) & 7)) : cp_unit);
-          cp_async<16>(sb + SG::kK + off, krow + 512 * i);
-          cp_async<16>(sb + SG::kV + off, vrow + 512 * i);
+        for (int i = 0; i < (CBT + 31) / 32; ++i) {
+          if (CBT % 32 == 0 || lane + 32 * i < CBT) {
+            cp_async_s<16>(sl + SG::kK + 512 * i, krow + 512 * i);
+            cp_async_s<16>(sl + SG::kV + 512 * i, vrow + 512 * i);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < (CBT + 31) / 32; ++i) {  // 16 rows of CBT bytes: CBT units of 16 bytes
+          if (CBT % 32 == 0 || lane + 32 * i < CBT) {
+            const int off = cp_row + (32 * i / U) * SG::RS + (kSwz ? cp_unit ^ (16 * ((32 * i / U) & 7)) : cp_unit);
+            cp_async<16>(sb + SG::kK + off, krow + 512 * i);
+            cp_async<16>(sb + SG::kV + off, vrow + 512 * i);
+          }
         }
       }
       if constexpr (kTS) {  // 16 key scales, then 16 value scales: 4 + 4 units
         if (lane < 8) {
           const uint8_t* src = lane < 4 ? kh + p.k.L.code_bytes + 4 * off0 : vh + p.v.L.code_bytes + 4 * off0 - 64;
-          cp_async<16>(sb + SG::kM + 16 * lane, src + 16 * lane);
+          cp_async<16>(sb + SG::kM + 16 * lane, src);
         }
       } else if constexpr (kFold) {
-        const uint32_t* vm_src = reinterpret_cast<const uint32_t*>(vh + p.v.L.code_bytes);
+        if (kCursor && vshift == 0) {  // one word per 64 channels: the step's 16 NC words are contiguous, 4 NC units
+          if (kStep * NC / 4 >= 32 || lane < kStep * NC / 4)
+            cp_async_s<16>(lane_stage + slot * SG::kBytes + SG::kM, vh + p.v.L.code_bytes + 4 * NC * off0);
+        } else {
+          const uint32_t* vm_src = reinterpret_cast<const uint32_t*>(vh - 16 * lane + p.v.L.code_bytes);
 #pragma unroll
-        for (int i = 0; i < (kStep * NC + 31) / 32; ++i) {
-          const int w = lane + 32 * i;  // token w / NC, chunk w % NC
-          if (kStep * NC % 32 == 0 || w < kStep * NC) cp_async<4>(sb + SG::kM + 4 * w, vm_src + ((off0 * NC + w) >> vshift));
+          for (int i = 0; i < (kStep * NC + 31) / 32; ++i) {
+            const int w = lane + 32 * i;  // token w / NC, chunk w % NC
+            if (kStep * NC % 32 == 0 || w < kStep * NC) cp_async<4>(sb + SG::kM + 4 * w, vm_src + ((off0 * NC + w) >> vshift));
+          }
         }
         if (group_start(st, off0)) {
           flags |= 2;
-          const uint8_t* sz = kh + p.k.L.code_bytes + 4 * (off0 >> kg_shift) * D + 16 * lane;
+          const uint8_t* sz = kh + p.k.L.code_bytes + 4 * (off0 >> kg_shift) * D;
 #pragma unroll
           for (int i = 0; i < (D / 4 + 31) / 32; ++i) {
             if (D >= 128 || lane + 32 * i < D / 4) cp_async<16>(sb + SG::kG + cp_grp + (32 * i / (D / 16)) * SG::GS, sz + 512 * i);
@@ -833,7 +872,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     if constexpr (kPairs) {
       // Two clean fast steps of one key group: one softmax update for 32 tokens, two independent
       // score chains.
-      if ((flags & 1u) && (stage_flags >> (2 * slot1) & 3u) == 1u && mask == nullptr && st >= clean_lo && st + 2 * kStep <= clean_hi) {
+      if ((flags & 1u) && (stage_flags >> (2 * slot1) & 3u) == 1u && st >= clean_lo && st + 2 * kStep <= clean_hi) {
         cp_async_wait<NS - 2>();  // both steps' copies done (every lane's, after the warp barrier)
         __syncwarp();
         float sc[2][4], ks[2][2] = {{1.0f, 1.0f}, {1.0f, 1.0f}};
@@ -857,7 +896,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     cp_async_wait<NS - 1>();  // this step's copies done
     __syncwarp();
     const bool fast = flags & 1u;
-    const bool clean = fast && mask == nullptr && st >= clean_lo && st + kStep <= clean_hi;
+    const bool clean = fast && st >= clean_lo && st + kStep <= clean_hi;
     float sc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}}, ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};
     VWords vw;
     VMeta vm;
