@@ -56,18 +56,16 @@ struct KParams {
 
 // Asynchronous global -> shared copies of N = 4, 8 or 16 bytes (16: bypassing L1), in commit groups.
 // A thread that waits for its own groups sees its own copies without a barrier.
+// cp_async16_s: 16 bytes to a 32-bit shared address.
+__device__ __forceinline__ void cp_async16_s(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
 template <int N>
 __device__ __forceinline__ void cp_async(void* dst, const void* src) {
   static_assert(N == 4 || N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  if constexpr (N == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
+  if constexpr (N == 16) cp_async16_s(a, src);
   else asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(a), "l"(src), "n"(N));
-}
-// The same for a 16-byte copy to a 32-bit shared address.
-template <int N>
-__device__ __forceinline__ void cp_async_s(uint32_t dst, const void* src) {
-  static_assert(N == 16, "cp_async_s copies 16 bytes");
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

@@ -435,8 +435,8 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
 #pragma unroll
         for (int i = 0; i < (CBT + 31) / 32; ++i) {
           if (CBT % 32 == 0 || lane + 32 * i < CBT) {
-            cp_async_s<16>(sl + SG::kK + 512 * i, krow + 512 * i);
-            cp_async_s<16>(sl + SG::kV + 512 * i, vrow + 512 * i);
+            cp_async16_s(sl + SG::kK + 512 * i, krow + 512 * i);
+            cp_async16_s(sl + SG::kV + 512 * i, vrow + 512 * i);
           }
         }
       } else {
@@ -457,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       } else if constexpr (kFold) {
         if (kCursor && vshift == 0) {  // one word per 64 channels: the step's 16 NC words are contiguous, 4 NC units
           if (kStep * NC / 4 >= 32 || lane < kStep * NC / 4)
-            cp_async_s<16>(lane_stage + slot * SG::kBytes + SG::kM, vh + p.v.L.code_bytes + 4 * NC * off0);
+            cp_async16_s(lane_stage + slot * SG::kBytes + SG::kM, vh + p.v.L.code_bytes + 4 * NC * off0);
         } else {
           const uint32_t* vm_src = reinterpret_cast<const uint32_t*>(vh - 16 * lane + p.v.L.code_bytes);
 #pragma unroll
