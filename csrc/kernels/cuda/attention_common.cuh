@@ -54,9 +54,9 @@ struct KParams {
   void* out;
 };
 
-// Asynchronous global -> shared copies of N = 4, 8 or 16 bytes (16: bypassing L1), in commit groups.
-// A thread that waits for its own groups sees its own copies without a barrier.
-// cp_async16_s: 16 bytes to a 32-bit shared address.
+// Asynchronous global -> shared copies of N = 4, 8 or 16 bytes (16: bypassing L1), in commit groups;
+// cp_async16_s takes a 32-bit shared address. A thread that waits for its own groups sees its own
+// copies without a barrier.
 __device__ __forceinline__ void cp_async16_s(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }

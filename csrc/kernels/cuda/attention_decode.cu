@@ -428,10 +428,10 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     if (kh != nullptr) {
       flags = 1;
       uint8_t* const sb = wstage + slot * SG::kBytes;
+      const uint32_t sl = lane_stage + slot * SG::kBytes;  // the same stage, the lane's 16 bytes on, as a shared address
       const uint8_t* const krow = kh + off0 * CBT;
       const uint8_t* const vrow = vh + off0 * CBT;
       if constexpr (kCursor && kFold && SG::kPacked) {  // packed rows: unit lane + 32 i at 16 (lane + 32 i), as in the page
-        const uint32_t sl = lane_stage + slot * SG::kBytes;
 #pragma unroll
         for (int i = 0; i < (CBT + 31) / 32; ++i) {
           if (CBT % 32 == 0 || lane + 32 * i < CBT) {
@@ -457,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       } else if constexpr (kFold) {
         if (kCursor && vshift == 0) {  // one word per 64 channels: the step's 16 NC words are contiguous, 4 NC units
           if (kStep * NC / 4 >= 32 || lane < kStep * NC / 4)
-            cp_async16_s(lane_stage + slot * SG::kBytes + SG::kM, vh + p.v.L.code_bytes + 4 * NC * off0);
+            cp_async16_s(sl + SG::kM, vh + p.v.L.code_bytes + 4 * NC * off0);
         } else {
           const uint32_t* vm_src = reinterpret_cast<const uint32_t*>(vh - 16 * lane + p.v.L.code_bytes);
 #pragma unroll
