@@ -21,9 +21,14 @@ rounding only). :meth:`GraphDecoder.close` hands the state back to the cache, wh
 eagerly (``generate``, ``crop``, prefix caching, ...). Without CUDA (or with ``cuda_graph=False``)
 the same fixed-shape steps run eagerly, which is what the CPU tests check.
 
-Supported: full-attention models (no sliding-window layers, no ``recent_window``/``sink_tokens``),
-one query token per step, the ``"pagedkv"`` attention implementation. ``check_finite`` is not applied
-inside graph steps (it would need a host synchronization per layer).
+Sliding-window layers (Gemma-3's ``layer_types``, or ``recent_window`` on full layers) read a fixed
+number of block-table columns that follow the window on the device, so their attention costs what the
+window holds, not the whole context; their blocks stay reserved until :meth:`GraphDecoder.close`, which
+frees those that left the window (eager decode frees them at each flush).
+
+Supported: one query token per step, the ``"pagedkv"`` attention implementation, any mix of full and
+sliding-window layers; not ``sink_tokens`` (its keys are re-rotated every step). ``check_finite`` is not
+applied inside graph steps (it would need a host synchronization per layer).
 """
 
 from __future__ import annotations
@@ -44,21 +49,27 @@ def _capturing(t: torch.Tensor) -> bool:
 class StaticDecodeState:
     """The fixed-shape device state of a cache during graph decoding (see the module docstring).
 
-    Host mirrors ``num_tokens`` / ``num_paged`` advance only when a step has completed."""
+    Host mirrors ``num_tokens`` / ``num_paged`` advance only when a step has completed. Device buffers
+    that depend on a layer's block group and exact lead are kept per ``(group, lead)`` key."""
 
     def __init__(self, cache: PagedKVCache, max_new_tokens: int, attention_mask: torch.Tensor | None):
         layers = cache.layers
-        if len(cache._groups) != 1 or any(layer.window for layer in layers) or cache.sink_tokens:
-            raise ValueError("graph decoding supports full-attention models without recent_window/sink_tokens; this "
-                             "cache has sliding-window or streaming layers")
+        if cache.sink_tokens:
+            raise ValueError("graph decoding does not cover sink_tokens (the sinks' keys are re-rotated every step); "
+                             "decode this cache eagerly")
         if cache._batch_size is None:
             raise ValueError("graph decoding starts from a prefilled cache: run the prompt through the model first")
         counts = {(layer.num_tokens, layer.num_paged) for layer in layers}
         if len(counts) != 1:
             raise ValueError(f"every layer must hold the same positions to start graph decoding, got {sorted(counts)}")
         self.cache = cache
-        group = cache._groups[0]
-        self.group = group
+        self.groups = list(cache._groups)
+        self.group_ids = [next(gi for gi, g in enumerate(self.groups) if g is cache._group_of[i])
+                          for i in range(len(layers))]
+        # Positions a query of each group sees (the store groups layers by window; 0: all of them).
+        self.windows = [0] * len(self.groups)
+        for i, layer in enumerate(layers):
+            self.windows[self.group_ids[i]] = layer.window or 0
         n0, p0 = counts.pop()
         self.num_tokens, self.num_paged = n0, p0
         self.residual, self.quantum = cache.residual_length, cache.flush_quantum
@@ -72,27 +83,33 @@ class StaticDecodeState:
                              f"{p0} (decode eagerly until then)")
         device = cache._device
         final = n0 + max_new_tokens
-        p_max = max(p0, cache._target_paged(group, final))
-        if group.storage.index is not None:
-            cache.store.now()
-        group.advance(p_max, device)  # BudgetExhaustedError: nothing changed
+        p_max = max(max(p0, cache._target_paged(g, final)) for g in self.groups)
+        advanced = []
         try:
+            for g in self.groups:
+                if g.storage.index is not None:
+                    cache.store.now()
+                g.advance(p_max, device)  # BudgetExhaustedError: the groups before are given back below
+                advanced.append(g)
             self._build(layers, p0, n0, p_max, attention_mask)
         except BaseException:
-            group.truncate(p0)  # out of memory for the buffers, ...: give the reservation back
+            for g in advanced:  # out of memory for the blocks or the buffers, ...: give the reservation back
+                g.truncate(p0)
             raise
 
     def _build(self, layers: list, p0: int, n0: int, p_max: int, attention_mask: torch.Tensor | None) -> None:
-        cache, group = self.cache, self.group
+        cache = self.cache
         device, dtype = cache._device, cache._dtype
         b, h, d = cache._batch_size, cache.num_kv_heads, cache.head_dim
         bs = cache.block_size
         self.p_max = p_max
         self.device = device
         with torch.inference_mode():
-            table = group.block_table(device)[:, :max(-(-p_max // bs), 1)]
-            self.table = table.contiguous()
-            self.table_long = self.table.long()
+            # Each group's kept blocks up to p_max; a sliding group's column 0 is its first kept block.
+            self.first_col = [g.first_available // bs for g in self.groups]
+            self.tables = [g.block_table(device)[:, :max(-(-p_max // bs) - f, 1)].contiguous()
+                           for g, f in zip(self.groups, self.first_col)]
+            self.tables_long = [t.long() for t in self.tables]
             self.tail_k: list[torch.Tensor] = []
             self.tail_v: list[torch.Tensor] = []
             for i, layer in enumerate(layers):
@@ -110,22 +127,42 @@ class StaticDecodeState:
                 self.tail_v.append(tv)
             self.n_dev = torch.tensor([n0], dtype=torch.long, device=device)  # positions before the step
             self.p_dev = torch.tensor([p0], dtype=torch.long, device=device)
-            m = p_max + self.capacity  # entries of the op: (p - lead) paged + lead + capacity tail
-            self.entries = torch.arange(m, device=device)
+            m = p_max + self.capacity  # positions the run can reach
             pad = torch.ones((b, m), dtype=torch.bool, device=device)
             if attention_mask is not None:
                 given = attention_mask.to(device=device, dtype=torch.bool)[:, :n0]
                 pad[:, :given.shape[1]] = given
             self.padding = pad
             self.padded = not bool(pad.all())  # once, at the start: else the entry mask is only the count
-            distinct = sorted(set(self.leads))
-            self.lens = {lead: torch.zeros(b, dtype=torch.int32, device=device) for lead in distinct}
-            self.skip = {lead: torch.full((b,), lead % bs, dtype=torch.int32, device=device) for lead in distinct}
-            self.mask = {lead: torch.zeros((b, m), dtype=torch.bool, device=device) for lead in distinct}
-            self.slot_idx = {lead: torch.zeros(1, dtype=torch.long, device=device) for lead in distinct}
+            self.keys = sorted({(self.group_ids[i], lead) for i, lead in enumerate(self.leads)})
+            # Per key: the op's block table (a sliding group's: `cols` columns from the window's first
+            # block, refilled each step), paged length, skip and entry mask.
+            self.op_table: dict[tuple[int, int], torch.Tensor] = {}
+            self.cols: dict[tuple[int, int], torch.Tensor] = {}
+            self.entries: dict[tuple[int, int], torch.Tensor] = {}
+            for key in self.keys:
+                gi, lead = key
+                table, w = self.tables[gi], self.windows[gi]
+                if w:
+                    # Paged entries: at most w - 1 positions, from any offset in a block.
+                    ncols = min((w + 2 * bs - 3) // bs, table.shape[1])
+                    self.cols[key] = torch.arange(ncols, device=device)
+                    self.op_table[key] = torch.zeros((b, ncols), dtype=torch.int32, device=device)
+                    self.entries[key] = torch.arange(ncols * bs + lead + self.capacity, device=device)
+                else:
+                    self.op_table[key] = table
+                    self.entries[key] = torch.arange(m, device=device)
+            self.lens = {key: torch.zeros(b, dtype=torch.int32, device=device) for key in self.keys}
+            self.skip = {key: torch.full((b,), key[1] % bs, dtype=torch.int32, device=device) for key in self.keys}
+            self.mask = {key: torch.zeros((b, self.entries[key].numel()), dtype=torch.bool, device=device)
+                         for key in self.keys}
+            self.slot_idx = {lead: torch.zeros(1, dtype=torch.long, device=device) for lead in set(self.leads)}
             self.quantum_pos = torch.arange(self.quantum, device=device)
-            self.flush_slots = torch.zeros(b * self.quantum, dtype=torch.long, device=device)
+            self.flush_slots = [torch.zeros(b * self.quantum, dtype=torch.long, device=device) for _ in self.groups]
         self.flushing = False
+        # (positions, paged positions) at the start of the last step that flushed: where eager decode
+        # freed the sliding groups' blocks that had left the window (close() does the same).
+        self.last_flush: tuple[int, int] | None = None
         # Eager steps only: each layer's window before a flush shifted it, for rollback().
         self._undo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -136,35 +173,54 @@ class StaticDecodeState:
         return self.num_tokens - self.num_paged >= self.residual + self.quantum and self.num_paged + self.quantum <= self.p_max
 
     def completed(self, flushed: bool) -> None:
-        self.num_tokens += 1
         if flushed:
+            self.last_flush = (self.num_tokens, self.num_paged)
             self.num_paged += self.quantum
+        self.num_tokens += 1
         for layer in self.cache.layers:
             layer.num_tokens = self.num_tokens  # get_seq_length stays right during the run
 
     # -- device side (captured) -----------------------------------------------------------------
     def prologue(self, flush: bool) -> None:
         """Once per step, before the layers: slots of a flush, the paged length, the window slot of the
-        step's token and the entry masks."""
+        step's token, the sliding groups' table columns and the entry masks."""
         self.flushing = flush
         self._undo.clear()
         bs = self.cache.block_size
         if flush:
             pos = self.p_dev + self.quantum_pos
-            blocks = self.table_long.index_select(1, pos // bs)
-            self.flush_slots.copy_((blocks * bs + pos % bs).reshape(-1))
+            for gi, table in enumerate(self.tables_long):
+                blocks = table.index_select(1, pos // bs - self.first_col[gi])
+                self.flush_slots[gi].copy_((blocks * bs + pos % bs).reshape(-1))
             self.p_dev += self.quantum
-        e = self.entries
-        for lead in self.lens:
-            self.lens[lead].copy_((self.p_dev - lead).to(torch.int32).expand_as(self.lens[lead]))
-            self.slot_idx[lead].copy_(self.n_dev - self.p_dev + lead)
-            # Entry order: paged [lead, p), the exact positions [0, lead), then the window from p.
-            valid = e <= self.n_dev  # the step's own token included
+        n, p = self.n_dev, self.p_dev
+        for lead in self.slot_idx:
+            self.slot_idx[lead].copy_(n - p + lead)
+        for key in self.keys:
+            gi, lead = key
+            e, w = self.entries[key], self.windows[gi]
+            if w:
+                # Entry order: paged [start, p), the exact positions [0, lead), then the window from p;
+                # the step's token (position n) sees positions [n + 1 - w, n].
+                visible = (n + 1 - w).clamp(min=0)
+                start = torch.minimum(visible.clamp(min=lead), p)
+                col = (start // bs - self.first_col[gi] + self.cols[key]).clamp(max=self.tables[gi].shape[1] - 1)
+                self.op_table[key].copy_(self.tables[gi].index_select(1, col))
+                self.skip[key].copy_((start % bs).to(torch.int32).expand_as(self.skip[key]))
+                paged = p - start
+                pos = torch.where(e < paged, e + start, torch.where(e < paged + lead, e - paged, e - paged - lead + p))
+                valid = (pos <= n) & (pos >= visible)
+            else:
+                # Entry order: paged [lead, p), the exact positions [0, lead), then the window from p.
+                paged = p - lead
+                pos = torch.where(e < paged, e + lead, torch.where(e < p, e - paged, e)) if self.padded else None
+                valid = e <= n  # the step's own token included
+            self.lens[key].copy_(paged.to(torch.int32).expand_as(self.lens[key]))
             if self.padded:
-                paged = self.p_dev - lead
-                src = torch.where(e < paged, e + lead, torch.where(e < self.p_dev, e - paged, e))
-                valid = self.padding.gather(1, src.expand_as(self.padding)) & valid
-            self.mask[lead].copy_(valid.expand_as(self.mask[lead]))
+                # Entries past the step's token (masked already) may point past the run's positions.
+                src = pos.clamp(max=self.padding.shape[1] - 1).expand(self.padding.shape[0], -1)
+                valid = self.padding.gather(1, src) & valid
+            self.mask[key].copy_(valid.expand_as(self.mask[key]))
         self.n_dev += 1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
@@ -186,14 +242,16 @@ class StaticDecodeState:
         return out_k, out_v
 
     def _flush_layer(self, layer_idx: int, undo: bool) -> None:
-        """Page the window's oldest ``flush_quantum`` positions of one layer at ``flush_slots`` and shift
-        the rest to the window's front; ``undo`` keeps the window as it was, for rollback()."""
+        """Page the window's oldest ``flush_quantum`` positions of one layer at its group's
+        ``flush_slots`` and shift the rest to the window's front; ``undo`` keeps the window as it was,
+        for rollback()."""
         tk, tv = self.tail_k[layer_idx], self.tail_v[layer_idx]
         lead, q = self.leads[layer_idx], self.quantum
+        gi = self.group_ids[layer_idx]
         h, d = tk.shape[1], tk.shape[3]
         self.cache._pages[layer_idx].write(tk[:, :, lead:lead + q].transpose(1, 2).reshape(-1, h, d),
                                            tv[:, :, lead:lead + q].transpose(1, 2).reshape(-1, h, d),
-                                           self.flush_slots, self.group.blocks_per_chunk)
+                                           self.flush_slots[gi], self.groups[gi].blocks_per_chunk)
         keep = self.capacity - q
         if keep:
             if undo:
@@ -203,18 +261,21 @@ class StaticDecodeState:
 
     def _attend(self, layer_idx: int, query: torch.Tensor, padding: torch.Tensor | None, scaling: float | None,
                 softcap: float, max_query: int) -> torch.Tensor:
-        """The "pagedkv" attention of a graph step (the padding comes from the decoder's own mask)."""
+        """The "pagedkv" attention of a graph step (the padding and the sliding window come from the
+        decoder's own entry mask)."""
         cache = self.cache
         layer = cache.layers[layer_idx]
         pages = cache._pages[layer_idx]
-        lead = self.leads[layer_idx]
+        gi = self.group_ids[layer_idx]
+        key = (gi, self.leads[layer_idx])
         f = pages.fmt
         out = ops.paged_attention(
-            query, pages.k_chunks, pages.v_chunks, self.table, self.lens[lead], skip=self.skip[lead],
-            k_tail=self.tail_k[layer_idx], v_tail=self.tail_v[layer_idx], kv_mask=self.mask[lead], mask_offset=0,
+            query, pages.k_chunks, pages.v_chunks, self.op_table[key], self.lens[key], skip=self.skip[key],
+            k_tail=self.tail_k[layer_idx], v_tail=self.tail_v[layer_idx], kv_mask=self.mask[key], mask_offset=0,
             k_format=FORMATS[f.key], v_format=FORMATS[f.value], k_group=pages.key_group, v_group=pages.value_group,
-            block_size=cache.block_size, blocks_per_chunk=self.group.blocks_per_chunk, num_kv_heads=cache.num_kv_heads,
-            scale=scaling if scaling is not None else cache.head_dim ** -0.5, softcap=softcap, window=0)
+            block_size=cache.block_size, blocks_per_chunk=self.groups[gi].blocks_per_chunk,
+            num_kv_heads=cache.num_kv_heads, scale=scaling if scaling is not None else cache.head_dim ** -0.5,
+            softcap=softcap, window=0)
         return cache._rotate_values(out, True) if layer.rotated else out
 
     def _dense_kv(self, layer_idx: int):
@@ -243,6 +304,7 @@ class StaticDecodeState:
                 self.n_dev -= 1
                 for i in range(len(cache.layers)):
                     self._flush_layer(i, undo=False)
+                self.last_flush = (self.num_tokens, self.num_paged)
                 self.num_paged += self.quantum
             n, p = self.num_tokens, self.num_paged
             for i, layer in enumerate(cache.layers):
@@ -254,7 +316,13 @@ class StaticDecodeState:
                 else:
                     layer.residual_keys = layer.residual_values = None
                 layer._pending = None
-        self.group.truncate(p)
+        for g, w in zip(self.groups, self.windows):
+            g.truncate(p)
+            if w and self.last_flush is not None:
+                # Eager decode frees the blocks before the window of the step that flushed (the step
+                # before the one that flushed here: its token's window), so the states agree.
+                n_f, p_f = self.last_flush
+                g.drop_front(min(max(n_f - w, 0), p_f))
         cache._static = None
 
 

@@ -29,11 +29,12 @@ def _decode(model, cache, ids, steps, *, graph, mask=None, cuda_graph=None, forc
     """Prefill, then ``steps`` greedy steps (GraphDecoder or eager); returns the stacked logits and the
     tokens fed ``[steps, batch, 1]``. ``force``: feed these tokens instead of the greedy ones (teacher
     forcing: both paths then see the same inputs even where a near-tie would flip a greedy choice)."""
-    with torch.inference_mode():
-        out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    mask = torch.ones_like(ids) if mask is None else mask
+    with torch.inference_mode():  # position ids as generate gives them (a padded row counts from its first token)
+        out = model(ids, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+                    past_key_values=cache, use_cache=True)
     tok = out.logits[:, -1:].argmax(-1)
     fed = []
-    mask = torch.ones_like(ids) if mask is None else mask
     pos = mask.long().sum(-1, keepdim=True) - 1
     logits = []
     dec = pagedkv.GraphDecoder(model, cache, max_new_tokens=steps, attention_mask=mask,
@@ -167,13 +168,63 @@ def test_budget_exhausted_at_start_leaves_cache_unchanged():
     assert torch.isfinite(_continue(model, cache, ids[:, -1:], 3)).all()  # still usable
 
 
-def test_sliding_window_models_are_refused():
+@pytest.mark.parametrize("fmt", ["int4", "int8", "bf16"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sliding_window_layers_equal_eager(fmt, padded):
+    # Gemma-3 layer types, window 24 over 16-token blocks: int8 pages every token, int4 keeps 8 in its
+    # residual window and pages 16 at a time, so the window spans pages and tail, crosses block edges,
+    # and blocks leave it; the sliding layers' table columns follow it on the device.
     model = _model("gemma3")
-    cache = pagedkv.PagedKVCache(tiny_config("gemma3"), "int4")
+    ids = _ids(2, 150, seed=7)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :19] = 0
+    opts = dict(block_size=16, residual_length=8) if fmt == "int4" else dict(block_size=16)
+    caches = [pagedkv.PagedKVCache(model.config, fmt, **opts) for _ in range(2)]
+    eager, fed = _decode(model, caches[0], ids, 120, graph=False, mask=mask)
+    static, _ = _decode(model, caches[1], ids, 120, graph=True, mask=mask, force=fed)
+    # The op splits the window differently in the two paths (fp32 rounding, ~3e-7 here); where that
+    # flips a quantized code of a flushed position, the logits move by up to ~4e-5 while the position
+    # stays in the window of 24. A window off by one position moves them by ~1e-1.
+    torch.testing.assert_close(static, eager, rtol=0, atol=5e-4)
+    assert (static - eager).abs().mean() < 1e-5
+    assert _state(caches[1]) == _state(caches[0])
+    # close() frees the blocks that left the window, as the eager flushes did.
+    used = [c.memory_stats()["bytes_used"] for c in caches]
+    assert used[1] == used[0]
+    last = eager[-1].argmax(-1, keepdim=True)
+    torch.testing.assert_close(_continue(model, caches[1], last), _continue(model, caches[0], last), rtol=0,
+                               atol=5e-4)
+
+
+def test_sliding_layers_read_a_window_wide_table():
+    # The op's block table of a sliding layer spans the window, not the run: its cost does not grow
+    # with the context.
+    model = _model("gemma3")
+    cache = pagedkv.PagedKVCache(model.config, "int8", block_size=16)
     with torch.inference_mode():
-        model(_ids(1, 100), past_key_values=cache, use_cache=True)
-    with pytest.raises(ValueError, match="full-attention"):
+        model(_ids(1, 400), past_key_values=cache, use_cache=True)
+    with pagedkv.GraphDecoder(model, cache, max_new_tokens=200, cuda_graph=False) as dec:
+        widths = {key: dec.state.op_table[key].shape[1] for key in dec.state.keys}
+        windows = dec.state.windows
+    assert sorted(windows) == [0, 24]
+    assert {w: widths[(gi, 0)] for gi, w in enumerate(windows)} == {0: 38, 24: 3}  # 600 / 16 columns; 24 + 15
+
+
+def test_recent_window_equals_eager_and_sinks_are_refused():
+    model = _model()
+    ids = _ids(2, 200, seed=8)
+    caches = [pagedkv.PagedKVCache(model.config, "int4", recent_window=70) for _ in range(2)]
+    eager, fed = _decode(model, caches[0], ids, 100, graph=False)
+    static, _ = _decode(model, caches[1], ids, 100, graph=True, force=fed)
+    torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
+    assert _state(caches[1]) == _state(caches[0])
+    cache = pagedkv.PagedKVCache(model.config, "int4", recent_window=70, sink_tokens=4, rotary=model.model.rotary_emb)
+    with torch.inference_mode():
+        model(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="sink_tokens"):
         pagedkv.GraphDecoder(model, cache, max_new_tokens=4)
+    assert cache._static is None
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -194,6 +245,23 @@ def test_cuda_graph_replay_equals_eager(fmt):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_cuda_graph_replay_equals_eager_sliding_window(fmt):
+    # Gemma-3 layer types on the GPU: the captured steps refill the sliding layers' table columns.
+    model = _model("gemma3", dtype=torch.bfloat16, device="cuda")
+    ids = _ids(4, 300, device="cuda")
+    mask = torch.ones_like(ids)
+    mask[2, :33] = 0
+    opts = dict(block_size=16, residual_length=8) if fmt == "int4" else dict(block_size=16)
+    caches = [pagedkv.PagedKVCache(model.config, fmt, **opts) for _ in range(2)]
+    eager, fed = _decode(model, caches[0], ids, 150, graph=False, mask=mask)
+    graph, _ = _decode(model, caches[1], ids, 150, graph=True, mask=mask, cuda_graph=True, force=fed)
+    torch.testing.assert_close(graph, eager, rtol=0, atol=3e-2)
+    assert (graph - eager).abs().mean() < 2e-3
+    assert _state(caches[1]) == _state(caches[0])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_generate_with_graphs_matches_eager_tokens():
     model = _model(dtype=torch.bfloat16, device="cuda")
     ids = _ids(2, 250, seed=3, device="cuda")
@@ -204,11 +272,14 @@ def test_cuda_generate_with_graphs_matches_eager_tokens():
     assert torch.equal(a[:, :260], b[:, :260])
 
 
-@pytest.mark.parametrize("sample", [False, True])
-def test_model_generate_custom_generate_matches_transformers_loop(sample):
+@pytest.mark.parametrize("arch,fmt,sample", [("llama", "int4", False), ("llama", "int4", True), ("gemma3", "int8", False)])
+def test_model_generate_custom_generate_matches_transformers_loop(arch, fmt, sample):
     # model.generate(custom_generate=pagedkv.graph_generate) against transformers' own loop on the same
-    # cache format: left padding, EOS with padding of finished rows, sampling under one seed.
-    model = _model()
+    # cache format: left padding, EOS with padding of finished rows, sampling under one seed; Gemma-3
+    # layer types (sliding windows) too. (Gemma-3 on int8: its two prefills compute different values at
+    # the padded positions, which int4's key groups share with real tokens, moving a padded row's
+    # logits by ~5e-3 and flipping a near-tie; int8 scales each token alone.)
+    model = _model(arch)
     ids = _ids(3, 230, seed=4)
     mask = torch.ones_like(ids)
     mask[1, :30] = 0
@@ -218,7 +289,7 @@ def test_model_generate_custom_generate_matches_transformers_loop(sample):
     outs = []
     for custom in (None, pagedkv.graph_generate):
         torch.manual_seed(5)
-        cache = pagedkv.PagedKVCache(model.config, "int4")
+        cache = pagedkv.PagedKVCache(model.config, fmt)
         extra = {} if custom is None else dict(custom_generate=custom)
         outs.append(model.generate(ids, past_key_values=cache, **kw, **extra))
         assert cache._static is None

@@ -7,7 +7,8 @@ custom_generate=pagedkv.graph_generate)``, decode steps replayed as CUDA graphs)
 Decode tokens/s counts the tokens of every sequence after the first new one (prefill excluded), timed
 by a logits processor at each step. KV memory is the memory the cache still holds after generation.
 
-GPU default: random-init Llama-3.2-1B-shaped model, batch 16, 16k-token prompt, 128 new tokens.
+GPU default: random-init Llama-3.2-1B-shaped model, batch 16, 16k-token prompt, 128 new tokens
+(``--model gemma3-1b``: Gemma-3-1B's shape, with sliding-window layers).
 CPU default (``--model smollm2``): real SmolLM2-135M in fp32, 1 thread, batch 1, 2k-token prompt.
 """
 
@@ -48,6 +49,20 @@ def llama32_1b(device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
+    return model
+
+
+def gemma3_1b(device: torch.device, dtype: torch.dtype):
+    """Gemma-3-1B's shape (26 layers, five sliding-window layers of 512 to each full one, 4 query / 1 KV
+    head of 256 channels), random weights: the sliding layers' speed path."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                           query_pre_attn_scalar=256, max_position_embeddings=32768)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Gemma3ForCausalLM(cfg).to(dtype).eval()
     return model
 
 
@@ -154,7 +169,7 @@ def cache_bytes(cache) -> int:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pagedkv.bench generate", description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--model", choices=["llama3.2-1b", "smollm2"], default=None)
+    ap.add_argument("--model", choices=["llama3.2-1b", "gemma3-1b", "smollm2"], default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--prompt", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
@@ -168,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     name = args.model or ("llama3.2-1b" if gpu else "smollm2")
     dtype = torch.bfloat16 if gpu else torch.float32
-    model = llama32_1b(dev, dtype) if name == "llama3.2-1b" else smollm2(dev, dtype)
+    model = {"llama3.2-1b": llama32_1b, "gemma3-1b": gemma3_1b, "smollm2": smollm2}[name](dev, dtype)
     batch = args.batch or (16 if gpu else 1)
     plen = args.prompt or (16384 if gpu else 2048)
     new = args.new_tokens or (128 if gpu else 64)
