@@ -153,6 +153,7 @@ PYBIND11_MODULE(_C, m) {
       "copy-on-write pairs int64 [num_copies, 2]). All-or-nothing.")
       .def("truncate", &BlockTables::truncate, py::arg("seq"), py::arg("new_len"))
       .def("drop_front", &BlockTables::drop_front, py::arg("seq"), py::arg("new_start"))
+      .def("skip_to", &BlockTables::skip_to, py::arg("seq"), py::arg("new_start"))
       .def("block_table", [](const BlockTables& t, const py::object& seqs, int64_t min_cols) {
         const auto ids = to_ids(seqs);
         const int64_t cols = std::max<int64_t>(t.max_kept_blocks(ids), min_cols);

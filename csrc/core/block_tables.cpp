@@ -152,6 +152,17 @@ void BlockTables::drop_front(int64_t seq, int64_t new_start) {
   s.start = new_start;
 }
 
+void BlockTables::skip_to(int64_t seq, int64_t new_start) {
+  Seq& s = get(seq);
+  PKV_CHECK(new_start >= s.num_tokens && new_start % block_size_ == 0, "cannot skip sequence ", seq,
+            " to position ", new_start, ": it must be a multiple of the block size ", block_size_,
+            " at or past the stored end ", s.num_tokens);
+  for (int32_t b : s.blocks) pool_->decref(b);
+  s.blocks.clear();
+  s.dropped_blocks = new_start / block_size_;
+  s.start = s.num_tokens = new_start;
+}
+
 int64_t BlockTables::max_kept_blocks(const std::vector<int64_t>& seqs) const {
   int64_t m = 0;
   for (int64_t id : seqs) m = std::max<int64_t>(m, static_cast<int64_t>(get(id).blocks.size()));

@@ -338,6 +338,15 @@ class PagedKVCache(Cache):
         if target > group.num_paged:
             if layer.window:
                 group.drop_front(visible)
+                # A prompt longer than the window: positions this update would page that no later
+                # query sees are never stored (so a long prefill does not hold the whole prompt in
+                # every sliding layer), when this step reads no page (they all go) and the blocks
+                # from there on fit (else nothing is skipped, as if the call had not tried).
+                bs = self.block_size
+                skip = min(new_tokens - layer.window + 1, target) // bs * bs
+                if (skip > group.num_paged and visible >= group.num_paged
+                        and group.pool.can_allocate(len(group.seqs) * -(-(target - skip) // bs))):
+                    group.skip_to(skip)
             if group.storage.index is not None:
                 self.store.now()  # the time eviction (inside advance) compares against
             group.advance(target, device)  # BudgetExhaustedError: this layer is unchanged
@@ -383,15 +392,17 @@ class PagedKVCache(Cache):
         becomes the residual window."""
         layer = self.layers[layer_idx]
         flush = target - layer.num_paged
-        if flush > 0:
-            keys = tail_k[:, :, :flush]
+        # A sliding group that skipped ahead (update) stores positions from its start only.
+        first = max(group.start - layer.num_paged, 0) if layer.window else 0
+        if flush > first:
+            keys = tail_k[:, :, first:flush]
             lead = layer.exact - layer.num_paged
             if lead > 0:
                 # The exact positions' codes are never read; give them a neighbour's keys so that the
                 # sink does not stretch its key group's range.
                 keys = keys.clone()
                 keys[:, :, :lead] = keys[:, :, lead:lead + 1]
-            group.write(layer_idx, layer.num_paged, keys, tail_v[:, :, :flush])
+            group.write(layer_idx, layer.num_paged + first, keys, tail_v[:, :, first:flush])
         if num_tokens > target:
             # Copy: a view would pin the whole (possibly prompt-sized) tail in memory.
             layer.residual_keys = tail_k[:, :, flush:].clone() if flush > 0 else tail_k

@@ -219,6 +219,14 @@ class PagedGroup:
                 self.tables.drop_front(s, new_start)
             self._changed()
 
+    def skip_to(self, new_start: int) -> None:
+        """Forget every position before ``new_start``, a block boundary at or past ``num_paged``: the
+        positions in between are never stored (a sliding window that a long append overtakes); frees
+        every block."""
+        for s in self.seqs:
+            self.tables.skip_to(s, new_start)
+        self._changed()
+
     def truncate(self, new_paged: int) -> None:
         for s in self.seqs:
             self.tables.truncate(s, new_paged)

@@ -71,6 +71,31 @@ TEST_CASE("truncate frees blocks past the end; drop_front frees leading blocks")
   pool->check_invariants();
 }
 
+TEST_CASE("skip_to frees every block and continues past positions never stored") {
+  auto pool = std::make_shared<BlockPool>(64, 8);
+  BlockTables t(pool, 16);
+  const int64_t s = t.add_sequence();
+  t.append({s}, 20);
+  const int64_t f = t.fork(s);  // shares both blocks: skipping one sequence keeps the other's
+  CHECK_THROWS_WITH(t.skip_to(s, 40), Catch::Contains("multiple of the block size 16"));
+  CHECK_THROWS_WITH(t.skip_to(s, 16), Catch::Contains("at or past the stored end 20"));
+  t.skip_to(s, 48);
+  CHECK(t.num_tokens(s) == 48);
+  CHECK(t.start(s) == 48);
+  CHECK(t.dropped_blocks(s) == 3);
+  CHECK(t.blocks(s).empty());
+  CHECK(pool->num_used() == 2);  // the fork's
+  AppendPlan p = t.append({s}, 20);  // positions 48..67: two new blocks
+  CHECK(t.blocks(s).size() == 2);
+  CHECK(p.slots.front() == t.blocks(s).front() * 16);
+  CHECK(p.slots.back() == t.blocks(s).back() * 16 + 3);
+  t.truncate(s, 48);
+  CHECK(t.blocks(s).empty());
+  t.free_sequence(f);
+  CHECK(pool->num_used() == 0);
+  pool->check_invariants();
+}
+
 TEST_CASE("append is all-or-nothing under a budget") {
   auto pool = std::make_shared<BlockPool>(64, 2, /*max_blocks=*/3);
   BlockTables t(pool, 16);

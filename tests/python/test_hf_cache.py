@@ -67,6 +67,26 @@ def test_gemma3_sliding_layers_keep_only_their_window():
     assert cache.layers[0].get_mask_sizes(1) == (24, 159 - 23)
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_gemma3_long_prompt_never_stores_what_left_the_window(fmt):
+    # A 300-token prompt over a window of 24: the sliding layers page only the positions a later query
+    # sees, so their pool never grows past the window's blocks (one block per chunk: the pool's
+    # capacity is its high-water mark); the full layer holds everything. Same tokens as DynamicCache.
+    model = tiny_model("gemma3")
+    ids = torch.randint(3, 256, (2, 300), generator=torch.Generator().manual_seed(0))
+    ref = _gen(model, ids, DynamicCache(config=model.config), n=40)
+    opts = dict(residual_length=16, key_group_size=16) if fmt == "int4" else {}
+    cache = pagedkv.PagedKVCache(model.config, kv_format=fmt, block_size=16, blocks_per_chunk=1, **opts)
+    out = _gen(model, ids, cache, n=40)
+    if fmt == "bf16":
+        assert torch.equal(out, ref)
+    sliding = [g for g in cache._groups if g.sliding_window is not None][0]
+    full = [g for g in cache._groups if g.sliding_window is None][0]
+    assert sliding.pool.capacity <= 2 * 3  # two sequences, (23 + 16) positions -> at most 3 blocks each
+    assert full.pool.capacity >= 2 * (300 // 16)
+    assert cache.layers[0].num_paged == cache.layers[2].num_paged  # the layers agree on what is paged
+
+
 def test_batched_left_padding(stories):
     model, tok = stories
     tok.padding_side = "left"

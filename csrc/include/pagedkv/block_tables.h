@@ -52,6 +52,10 @@ class BlockTables {
   void truncate(int64_t seq, int64_t new_len);
   // Forget positions before new_start; frees the whole blocks that lie entirely before it.
   void drop_front(int64_t seq, int64_t new_start);
+  // Forget every position before new_start, a block boundary at or past num_tokens: frees every
+  // kept block, and the sequence goes on at new_start (the positions in between are never stored;
+  // a sliding window that a long append overtakes).
+  void skip_to(int64_t seq, int64_t new_start);
 
   // Dense block table of the kept blocks, -1 padded: out [seqs.size(), max_blocks].
   void fill_block_table(const std::vector<int64_t>& seqs, int32_t* out, int64_t max_blocks) const;
