@@ -57,7 +57,7 @@ def test_gemma3_sliding_layers_keep_only_their_window():
     model = tiny_model("gemma3")
     cache = pagedkv.PagedKVCache(model.config, kv_format="bf16", block_size=16)
     ids = torch.randint(3, 256, (1, 10))
-    _gen(model, ids, cache, n=150)
+    _gen(model, ids, cache, n=150, min_new_tokens=150)  # random weights: an early EOS must not end the run
     sliding = [g for g in cache._groups if g.sliding_window is not None][0]
     full = [g for g in cache._groups if g.sliding_window is None][0]
     assert cache.get_seq_length() == 159
@@ -74,10 +74,10 @@ def test_gemma3_long_prompt_never_stores_what_left_the_window(fmt):
     # capacity is its high-water mark); the full layer holds everything. Same tokens as DynamicCache.
     model = tiny_model("gemma3")
     ids = torch.randint(3, 256, (2, 300), generator=torch.Generator().manual_seed(0))
-    ref = _gen(model, ids, DynamicCache(config=model.config), n=40)
+    ref = _gen(model, ids, DynamicCache(config=model.config), n=40, min_new_tokens=40)
     opts = dict(residual_length=16, key_group_size=16) if fmt == "int4" else {}
     cache = pagedkv.PagedKVCache(model.config, kv_format=fmt, block_size=16, blocks_per_chunk=1, **opts)
-    out = _gen(model, ids, cache, n=40)
+    out = _gen(model, ids, cache, n=40, min_new_tokens=40)
     if fmt == "bf16":
         assert torch.equal(out, ref)
     sliding = [g for g in cache._groups if g.sliding_window is not None][0]

@@ -88,7 +88,7 @@ def prompt_ids(model, batch: int, length: int, device: torch.device, real_text: 
     return torch.randint(100, model.config.vocab_size - 100, (batch, length), generator=g).to(device)
 
 
-def make_cache(method: str, model):
+def make_cache(method: str, model, residual_length: int | None = None):
     from transformers import DynamicCache, QuantizedCache
 
     if method == "dynamic":
@@ -98,17 +98,18 @@ def make_cache(method: str, model):
     if method == "hf-fp8":
         return QuantizedCache(backend="fp8", config=model.config), "sdpa"
     fmt = method.removeprefix("pagedkv-").removesuffix("-graph")
-    return PagedKVCache(model.config, kv_format=fmt), "pagedkv"
+    return PagedKVCache(model.config, kv_format=fmt, residual_length=residual_length), "pagedkv"
 
 
-def run(method: str, model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
+def run(method: str, model, ids: torch.Tensor, new_tokens: int, device: torch.device,
+        residual_length: int | None = None) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    cache, impl = make_cache(method, model)
+    cache, impl = make_cache(method, model, residual_length)
     model.set_attn_implementation(impl)
     timer = StepTimer(device)
     t0 = time.perf_counter()
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--residual-length", type=int, default=None,
+                    help="pagedkv caches' full-precision residual window (default: the format's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -193,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     for m in methods:
         try:
-            run(m, model, ids[:, :64], 4, dev)  # warm-up: one-time kernel builds / autotuning stay out of the timing
-            rec = run(m, model, ids, new, dev)
+            run(m, model, ids[:, :64], 4, dev, args.residual_length)  # warm-up: one-time builds stay out of the timing
+            rec = run(m, model, ids, new, dev, args.residual_length)
         except Exception as e:  # a rival's backend may be missing on this machine: say so, go on
             print(f"{m}: not run ({type(e).__name__}: {str(e).splitlines()[0][:200]})", flush=True)
             records.append(dict(method=m, error=f"{type(e).__name__}: {e}"))
@@ -214,14 +217,15 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['decode_tok_s'] / quanto4['decode_tok_s']:.2f}" if quanto4 else "",
                      f"{r['kv_bytes'] / 2**20:.1f} ({r['kv_bytes'] / ref['kv_bytes']:.3f}x)" if ref else "",
                      f"{100 * agree:.1f}%"])
-    print(f"\n{name}, batch {batch}, prompt {plen}, {new} new tokens, {dtype}, {env['device']}, "
+    res = "" if args.residual_length is None else f", pagedkv residual_length {args.residual_length}"
+    print(f"\n{name}, batch {batch}, prompt {plen}, {new} new tokens{res}, {dtype}, {env['device']}, "
           f"{env['cpu_threads']} CPU threads, {env['date']}\n")
     print(markdown_table(["method", "decode tok/s", "vs DynamicCache", "vs quanto-4", "KV MiB (vs Dynamic)",
                           "greedy tokens = Dynamic"], rows))
     for r in records:
         r.pop("tokens", None)
     write_json(args.json, {"env": env, "model": name, "batch": batch, "prompt": plen, "new_tokens": new,
-                           "results": records})
+                           "residual_length": args.residual_length, "results": records})
 
 
 if __name__ == "__main__":
