@@ -202,6 +202,19 @@ def test_strided_query_and_tail(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_tail_views(device, dtype):
+    # Tails one element into their storage (not 16-byte aligned; the CUDA op copies them for its
+    # 16-byte tail loads), one of them also with odd strides.
+    pi = PagedInputs([100, 40], [0, 0], "int4", "int4", 2, 64, block_size=64, device=device)
+    q = torch.randn(2, 8, 1, 64, device=device, dtype=dtype)
+    kt = torch.randn(2 * 2 * 5 * 64 + 1, device=device, dtype=dtype)[1:].view(2, 2, 5, 64)
+    vt = torch.randn(2 * 5 * 2 * 64 + 1, device=device, dtype=dtype)[1:].view(2, 5, 2, 64).transpose(1, 2)
+    assert kt.data_ptr() % 16 and vt.data_ptr() % 16
+    _close(pi.attend(q, kt, vt, scale=0.125), reference(pi, q.float(), kt, vt, scale=0.125), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_masked_out_rows_are_zero(device):
     pi = PagedInputs([50], [0], "bf16", "bf16", 1, 64, block_size=16, device=device)
     q = torch.randn(1, 2, 1, 64, device=device)

@@ -206,12 +206,37 @@ __device__ __forceinline__ void split_range(const KParams& p, int split, int64_t
   e1 = min(min((static_cast<int64_t>(split) + 1) * p.split_tokens, n), hi + 1);
 }
 
-// Loads channels [c0, c0 + 8) of tail token t (the dense full-precision part) of sequence s, head h.
+// Loads channels [c0, c0 + 8) of tail token t (the dense full-precision part) of sequence s, head h
+// (c0 a multiple of 8) in one 16-byte load (two for fp32): the op hands the kernels tails whose base
+// and strides are 16-byte aligned (paged_attention_cuda_op). Element loads (a lane quarter's 8-channel
+// runs hit a different 32-byte sector per lane) made the generic steps over a 192-token int4 tail at
+// head_dim 256 take several times the rest of a decode call.
+// PAGEDKV_TAIL_VEC=0 builds the element loads (an A/B switch for the register allocation it moves).
+#ifndef PAGEDKV_TAIL_VEC
+#define PAGEDKV_TAIL_VEC 1
+#endif
 __device__ __forceinline__ void load_tail(const KParams& p, const void* tail, const int64_t* ts, int s, int h, int t,
                                           int c0, float* x) {
   const int64_t base = s * ts[0] + h * ts[1] + static_cast<int64_t>(t) * ts[2] + c0;
+  if (!PAGEDKV_TAIL_VEC) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) x[i] = load_scalar(tail, p.dtype, base + i);
+    for (int i = 0; i < 8; ++i) x[i] = load_scalar(tail, p.dtype, base + i);
+    return;
+  }
+  if (p.dtype == DType::kF32) {
+    const float* ptr = static_cast<const float*>(tail) + base;
+    const float4 a = *reinterpret_cast<const float4*>(ptr), b = *reinterpret_cast<const float4*>(ptr + 4);
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+    return;
+  }
+  const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(tail) + base);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+  const bool bf = p.dtype == DType::kBF16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = bf ? __uint_as_float(w[i] << 16) : h2f(static_cast<uint16_t>(w[i] & 0xffffu));
+    x[2 * i + 1] = bf ? __uint_as_float(w[i] & 0xffff0000u) : h2f(static_cast<uint16_t>(w[i] >> 16));
+  }
 }
 
 // Dequantizes channels [c0, c0 + 8) of token o in one head region (format F, role RL; the layout

@@ -21,7 +21,7 @@ from pagedkv.bench.common import environment, markdown_table, write_json
 from pagedkv.bench.timing import copy_bandwidth_gbs, median_time_us, plot_lines, stream_time_us
 from pagedkv.config import DEFAULT_BLOCK_SIZE, FORMATS, KEY, VALUE, group_for, layout
 
-SHAPES = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64)}
+SHAPES = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64), "gemma3-1b": (4, 1, 256)}
 ALL_FORMATS = ["bf16", "fp8_e4m3", "int8", "nf4", "int4", "int2"]
 
 
@@ -63,7 +63,8 @@ class Pages:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pagedkv.bench attention", description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["llama3-8b", "llama3.2-1b"], choices=list(SHAPES),
+                    help="head shapes (gemma3-1b: 4 query heads on 1 KV head of 256 channels)")
     ap.add_argument("--batches", nargs="+", type=int, default=None)
     ap.add_argument("--contexts", nargs="+", type=int, default=None)
     ap.add_argument("--formats", nargs="+", default=ALL_FORMATS, choices=list(FORMATS))
