@@ -211,14 +211,17 @@ __device__ __forceinline__ void split_range(const KParams& p, int split, int64_t
 // and strides are 16-byte aligned (paged_attention_cuda_op). Element loads (a lane quarter's 8-channel
 // runs hit a different 32-byte sector per lane) made the generic steps over a 192-token int4 tail at
 // head_dim 256 take several times the rest of a decode call.
-// PAGEDKV_TAIL_VEC=0 builds the element loads (an A/B switch for the register allocation it moves).
+// VEC = false, or PAGEDKV_TAIL_VEC=0 (an A/B switch for the register allocation it moves), keeps
+// the element loads: the tensor-core kernels of 16-bit pages take them, since those formats page
+// every token (a tail of about one) and the vector path made them spill at head_dim 128.
 #ifndef PAGEDKV_TAIL_VEC
 #define PAGEDKV_TAIL_VEC 1
 #endif
+template <bool VEC = true>
 __device__ __forceinline__ void load_tail(const KParams& p, const void* tail, const int64_t* ts, int s, int h, int t,
                                           int c0, float* x) {
   const int64_t base = s * ts[0] + h * ts[1] + static_cast<int64_t>(t) * ts[2] + c0;
-  if (!PAGEDKV_TAIL_VEC) {
+  if (!VEC || !PAGEDKV_TAIL_VEC) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) x[i] = load_scalar(tail, p.dtype, base + i);
     return;

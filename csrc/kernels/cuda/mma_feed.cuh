@@ -274,7 +274,7 @@ __device__ __forceinline__ void entry8(const KParams& p, const PageLayout& L, co
       load8f<F, RL>(L, tk.head, tk.off, c0, nf4, x);
     }
   } else if (tk.ok) {
-    load_tail(p, tail, ts, s, h, tk.off, c0, x);
+    load_tail<FD != Feed::kPass>(p, tail, ts, s, h, tk.off, c0, x);
   } else {
 #pragma unroll
     for (int i = 0; i < 8; ++i) x[i] = 0.0f;
