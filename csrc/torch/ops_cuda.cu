@@ -141,22 +141,17 @@ at::Tensor paged_attention_cuda_op(const at::Tensor& query, at::TensorList k_pag
   // The kernels read a tail token's 8 channels in one 16-byte load: a tail whose base or strides would
   // break that alignment (an odd view) is copied first (head_dim is a multiple of 8, so a fresh
   // contiguous copy is aligned).
+  const auto align_tail = [](at::Tensor& t, const void*& ptr, int64_t* stride) {
+    int64_t bits = static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()));
+    for (int i = 0; i < 3; ++i) bits |= t.stride(i) * t.element_size();
+    if ((bits & 15) == 0) return;
+    t = t.clone(at::MemoryFormat::Contiguous);
+    ptr = t.data_ptr();
+    for (int i = 0; i < 3; ++i) stride[i] = t.stride(i);
+  };
   if (p.tail_len > 0) {
-    const auto aligned = [](const at::Tensor& t) {
-      int64_t bits = reinterpret_cast<uintptr_t>(t.data_ptr());
-      for (int i = 0; i < 3; ++i) bits |= t.stride(i) * t.element_size();
-      return (bits & 15) == 0;
-    };
-    if (!aligned(hold.k_tail) || !aligned(hold.v_tail)) {
-      hold.k_tail = hold.k_tail.clone(at::MemoryFormat::Contiguous);
-      hold.v_tail = hold.v_tail.clone(at::MemoryFormat::Contiguous);
-      p.k_tail = hold.k_tail.data_ptr();
-      p.v_tail = hold.v_tail.data_ptr();
-      for (int i = 0; i < 3; ++i) {
-        p.kt_stride[i] = hold.k_tail.stride(i);
-        p.vt_stride[i] = hold.v_tail.stride(i);
-      }
-    }
+    align_tail(hold.k_tail, p.k_tail, p.kt_stride);
+    align_tail(hold.v_tail, p.v_tail, p.vt_stride);
   }
   if (validate) {
     // prepare_attention pointed the index arrays at host copies: use the device tensors.

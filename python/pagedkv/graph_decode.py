@@ -64,12 +64,9 @@ class StaticDecodeState:
             raise ValueError(f"every layer must hold the same positions to start graph decoding, got {sorted(counts)}")
         self.cache = cache
         self.groups = list(cache._groups)
-        self.group_ids = [next(gi for gi, g in enumerate(self.groups) if g is cache._group_of[i])
-                          for i in range(len(layers))]
+        self.group_ids = list(cache.store.group_of)
         # Positions a query of each group sees (the store groups layers by window; 0: all of them).
-        self.windows = [0] * len(self.groups)
-        for i, layer in enumerate(layers):
-            self.windows[self.group_ids[i]] = layer.window or 0
+        self.windows = [g.sliding_window or 0 for g in self.groups]
         n0, p0 = counts.pop()
         self.num_tokens, self.num_paged = n0, p0
         self.residual, self.quantum = cache.residual_length, cache.flush_quantum
@@ -199,23 +196,24 @@ class StaticDecodeState:
         for key in self.keys:
             gi, lead = key
             e, w = self.entries[key], self.windows[gi]
+            # Entry order: paged [start, p), the exact positions [0, lead), then the window from p.
             if w:
-                # Entry order: paged [start, p), the exact positions [0, lead), then the window from p;
-                # the step's token (position n) sees positions [n + 1 - w, n].
+                # The step's token (position n) sees positions [n + 1 - w, n]: the table's columns
+                # follow the window's first paged position.
                 visible = (n + 1 - w).clamp(min=0)
                 start = torch.minimum(visible.clamp(min=lead), p)
                 col = (start // bs - self.first_col[gi] + self.cols[key]).clamp(max=self.tables[gi].shape[1] - 1)
                 self.op_table[key].copy_(self.tables[gi].index_select(1, col))
                 self.skip[key].copy_((start % bs).to(torch.int32).expand_as(self.skip[key]))
-                paged = p - start
-                pos = torch.where(e < paged, e + start, torch.where(e < paged + lead, e - paged, e - paged - lead + p))
-                valid = (pos <= n) & (pos >= visible)
             else:
-                # Entry order: paged [lead, p), the exact positions [0, lead), then the window from p.
-                paged = p - lead
-                pos = torch.where(e < paged, e + lead, torch.where(e < p, e - paged, e)) if self.padded else None
-                valid = e <= n  # the step's own token included
+                start = lead  # skip stays lead % bs
+            paged = p - start
             self.lens[key].copy_(paged.to(torch.int32).expand_as(self.lens[key]))
+            if w or self.padded:
+                pos = torch.where(e < paged, e + start, torch.where(e < paged + lead, e - paged, e - paged - lead + p))
+                valid = (pos <= n) & (pos >= visible) if w else pos <= n  # the step's own token included
+            else:
+                valid = e <= n  # full layers: entry e holds a position <= n exactly when e <= n
             if self.padded:
                 # Entries past the step's token (masked already) may point past the run's positions.
                 src = pos.clamp(max=self.padding.shape[1] - 1).expand(self.padding.shape[0], -1)
