@@ -13,6 +13,8 @@ plus what is needed to build sdpa's 4-D mask on demand for the dense path.
 
 from __future__ import annotations
 
+import contextvars
+import weakref
 from typing import Any
 
 import torch
@@ -53,11 +55,38 @@ class PagedMask:
         return tuple(d.shape) if d is not None else ()
 
 
+# The PagedKVCache whose get_mask_sizes ran last in this thread (transformers calls it just before
+# the mask function of the same step), so the mask function can hand it the padding mask.
+_MASK_CACHE: contextvars.ContextVar[weakref.ref | None] = contextvars.ContextVar("pagedkv_mask_cache", default=None)
+
+
+def expect_mask(cache: Any) -> None:
+    """Called by ``PagedKVCache.get_mask_sizes``: the next mask function call builds this cache's mask."""
+    _MASK_CACHE.set(weakref.ref(cache))
+
+
+def _hand_padding(kwargs: dict[str, Any]) -> None:
+    ref = _MASK_CACHE.get()
+    if ref is None:
+        return
+    _MASK_CACHE.set(None)
+    cache = ref()
+    if cache is None:
+        return
+    mask = kwargs.get("attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    if mask is not None and cache.batch_size not in (-1, mask.shape[0]):
+        return  # not this cache's step
+    cache.note_padding(mask)
+
+
 def pagedkv_mask(*args: Any, **kwargs: Any) -> PagedMask | torch.Tensor | None:
     """AttentionMaskInterface entry: a :class:`PagedMask`, or sdpa's 4-D mask when the mask function
-    is more than causal + sliding window + padding (packed sequences, bidirectional overlays)."""
+    is more than causal + sliding window + padding (packed sequences, bidirectional overlays). A
+    ``PagedKVCache`` that asked for this mask (its ``get_mask_sizes``) is told the padding first."""
     if args:
         raise TypeError("the pagedkv mask function takes keyword arguments only")
+    _hand_padding(kwargs)
     if not kwargs.get("allow_is_causal_skip", True):
         kw = dict(kwargs)
         kw.pop("dtype", None)

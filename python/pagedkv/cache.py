@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from pagedkv import _C, ops
+from pagedkv import _C, attention, ops
 from pagedkv.config import FORMATS
 from pagedkv.storage import PagedGroup
 from pagedkv.store import KVStore, as_token_rows, text_config
@@ -48,6 +48,7 @@ class PagedLayer(CacheLayerMixin):
         self.window = window
         self.sinks = sinks  # attention-sink positions kept beside the window (full layers, recent_window)
         self.exact = exact  # leading positions whose pages are overridden by exact copies (grouped keys)
+        self.base_exact = exact  # exact_prefix; a left-padded batch moves the exact positions past its padding
         self.rotated = rotated  # values are stored rotated (KVStore.rotation)
         # The first max(sinks, exact) positions in full precision: [batch, num_kv_heads, n, head_dim], as stored.
         self.sink_keys: torch.Tensor | None = None
@@ -98,6 +99,7 @@ class PagedLayer(CacheLayerMixin):
         self.residual_keys = self.residual_values = None
         self.sink_keys = self.sink_values = None
         self._pending = None
+        self.exact = self.base_exact
         self.is_initialized = False
 
     def _select_residual(self, index: torch.Tensor) -> None:
@@ -211,6 +213,9 @@ class PagedKVCache(Cache):
         self.rotary = rotary
         self._token_ids: torch.Tensor | None = None
         self._exact_mask: tuple | None = None  # (padding, (begin, lead, end), reordered): see _exact_order_mask
+        # Left padding of the prompt (note_padding): (first real position of each row [batch], the end
+        # of the padded region), or None.
+        self._lead_pad: tuple[torch.Tensor, int] | None = None
         self._static: Any = None  # a GraphDecoder's StaticDecodeState while one runs (graph_decode.py)
         layers = [PagedLayer(self, i, mw, w, sink_tokens if mw is None and w is not None else 0,
                              store.exact_layers[i], store.rotated_layers[i])
@@ -362,6 +367,9 @@ class PagedKVCache(Cache):
             tail_v = torch.cat([layer.residual_values, value_states], dim=2)
         else:
             tail_k, tail_v = key_states, value_states
+        lead_pad = self._lead_pad
+        if lead_pad is not None and old_paged < lead_pad[1] and lead_pad[0].shape[0] == tail_k.shape[0]:
+            tail_k = self._fill_padding(tail_k, old_paged, layer.base_exact, lead_pad[0])
         # Dense result: visible paged positions, then the full-precision tail.
         first_tail = max(visible - old_paged, 0)
         fused = self.fused
@@ -397,11 +405,11 @@ class PagedKVCache(Cache):
         if flush > first:
             keys = tail_k[:, :, first:flush]
             lead = layer.exact - layer.num_paged
-            if lead > 0:
-                # The exact positions' codes are never read; give them a neighbour's keys so that the
-                # sink does not stretch its key group's range.
+            if 0 < lead < tail_k.shape[2]:
+                # The exact positions' codes are never read; give them the next position's keys so that
+                # the sinks do not stretch their key group's range.
                 keys = keys.clone()
-                keys[:, :, :lead] = keys[:, :, lead:lead + 1]
+                keys[:, :, :lead] = tail_k[:, :, lead:lead + 1]
             group.write(layer_idx, layer.num_paged + first, keys, tail_v[:, :, first:flush])
         if num_tokens > target:
             # Copy: a view would pin the whole (possibly prompt-sized) tail in memory.
@@ -410,6 +418,62 @@ class PagedKVCache(Cache):
         else:
             layer.residual_keys = layer.residual_values = None
         layer.num_tokens, layer.num_paged = num_tokens, target
+
+    def note_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """Tell the cache which leading positions of the prompt are padding (``attention_mask [batch,
+        positions]``, 0 / False = padding), before the prompt's ``update`` calls. The ``"pagedkv"`` mask
+        function does this for transformers models; hand-written loops may call it themselves.
+
+        With grouped key formats (int4 / int2 / nf4) a key group shares one range per channel over its
+        tokens, so the keys of padded positions (whatever the model computed there; attention never
+        reads them) would stretch the range of the real tokens beside them. The cache stores a padded
+        position with the keys of its row's first real token after the exact ones instead, and moves
+        the exact leading positions (``exact_prefix``) past the padding, so that each row's first real
+        token stays exact as in an unpadded row (rows padded by up to a key group less
+        ``exact_prefix``; not with prefix caching, whose exact rows are shared at a fixed count).
+        Only an empty cache takes a new mask; later calls (the decode steps) change nothing."""
+        if self._static is not None:
+            return
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+                raise ValueError("attention_mask must be a 2-D [batch, positions] tensor or None, got "
+                                 f"{getattr(attention_mask, 'shape', attention_mask)!r}")
+            if attention_mask.is_floating_point() or attention_mask.is_complex():
+                raise TypeError(f"attention_mask must be bool or integer, got {attention_mask.dtype}")
+            if self._batch_size is not None and attention_mask.shape[0] != self._batch_size:
+                raise ValueError(f"attention_mask has {attention_mask.shape[0]} rows but the cache holds "
+                                 f"{self._batch_size} sequences")
+        if self.get_seq_length() > 0:
+            return
+        self._lead_pad = None
+        for layer in self.layers:
+            layer.exact = layer.base_exact
+        if attention_mask is None or attention_mask.shape[1] == 0:
+            return
+        real = attention_mask != 0
+        first = torch.where(real.any(1), real.to(torch.int8).argmax(1), real.shape[1])
+        rows = first.tolist()  # one synchronization a prompt
+        if max(rows) == 0:
+            return
+        self._lead_pad = (first, max(rows))
+        if self.store.prefix_caching:
+            return
+        for layer in self.layers:
+            if layer.base_exact:
+                layer.exact += max((f for f in rows if f + layer.base_exact <= self.flush_quantum), default=0)
+
+    @staticmethod
+    def _fill_padding(keys: torch.Tensor, begin: int, exact: int, first: torch.Tensor) -> torch.Tensor:
+        """``keys`` (positions ``[begin, ...)`` of a layer's full-precision tail) with each padded position
+        (before its row's ``first`` real one) holding the keys of the row's position ``first + exact``
+        (or of the tail's last position, when that one has not arrived yet)."""
+        n = keys.shape[2]
+        first = first.to(keys.device)
+        pos = torch.arange(begin, begin + n, device=keys.device)
+        pad = pos[None, :] < first[:, None]
+        src = (first + exact - begin).clamp(0, n - 1)
+        src_k = keys[torch.arange(keys.shape[0], device=keys.device), :, src]  # [batch, heads, head_dim]
+        return torch.where(pad[:, None, :, None], src_k[:, :, None, :], keys)
 
     def _rotate(self, keys: torch.Tensor, shift: int) -> torch.Tensor:
         """Keys rotated (RoPE, rotate-half convention) by ``shift`` more positions."""
@@ -521,6 +585,9 @@ class PagedKVCache(Cache):
         return self.layers[layer_idx].num_tokens
 
     def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
+        # transformers builds the step's masks right after this: the "pagedkv" mask function hands this
+        # cache the padding mask (note_padding).
+        attention.expect_mask(self)
         if layer_idx >= len(self.layers):
             q = int(query_length.shape[0]) if isinstance(query_length, torch.Tensor) else query_length
             return q, 0
@@ -562,6 +629,8 @@ class PagedKVCache(Cache):
         index = torch.tensor(order, dtype=torch.long)
         for layer in self.layers:
             layer._select_residual(index)
+        if self._lead_pad is not None:
+            self._lead_pad = (self._lead_pad[0][index.to(self._lead_pad[0].device)], self._lead_pad[1])
         self._batch_size = len(order)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -655,6 +724,7 @@ class PagedKVCache(Cache):
         if self._batch_size is not None:
             self.store.num_caches -= 1
         self._token_ids = None
+        self._lead_pad = None
         self._build_groups()
 
     def reset(self) -> None:

@@ -110,8 +110,9 @@ def _logits(model, cache, ids, mask, steps):
 
 @pytest.mark.parametrize("fmt", ["int2", "int4"])
 def test_fused_equals_dense_with_exact_prefix_rotation_and_padding(fmt):
-    """The fused op sees the exact sink (moved to the tail, mask reordered) and rotated values the same
-    way the dense path does, with left padding."""
+    """The fused op sees the exact sinks (moved to the tail, mask reordered) and rotated values the same
+    way the dense path does, with left padding: the "pagedkv" mask function hands the cache the padding
+    (exact positions move past row 1's 9 pads); the sdpa run is told it by hand."""
     model = tiny_model("llama", dtype=torch.float32)
     torch.manual_seed(3)
     ids = torch.randint(3, 256, (2, 70))
@@ -119,11 +120,13 @@ def test_fused_equals_dense_with_exact_prefix_rotation_and_padding(fmt):
     mask[1, :9] = 0
     kw = dict(kv_format=fmt, block_size=16, residual_length=16, key_group_size=16, exact_prefix=3)
     model.set_attn_implementation("sdpa")
-    dense = _logits(model, pagedkv.PagedKVCache(model.config, **kw), ids, mask, 30)
+    dense_cache = pagedkv.PagedKVCache(model.config, **kw)
+    dense_cache.note_padding(mask[:, :40])
+    dense = _logits(model, dense_cache, ids, mask, 30)
     model.set_attn_implementation("pagedkv")
     cache = pagedkv.PagedKVCache(model.config, **kw)
     fused = _logits(model, cache, ids, mask, 30)
-    assert cache.layers[0].num_paged >= 48 and cache.layers[0].exact == 3
+    assert cache.layers[0].num_paged >= 48 and cache.layers[0].exact == dense_cache.layers[0].exact == 3 + 9
     torch.testing.assert_close(fused, dense, atol=2e-4, rtol=1e-4)
 
 
