@@ -6,7 +6,8 @@ a padded one; PagedKVCache.note_padding (called by the "pagedkv" mask function) 
 
 Teacher-forced logits of WikiText-2 rows in one batch, left-padded by 0 / 17 / 30 / 63 / ... tokens
 (prompts of 200 + 63 - pad tokens), against fp32 pages on the same batch: mean KL(fp32 || fmt) per
-step and top-1 agreement, with and without the padding hand-over."""
+step and top-1 agreement, with and without the padding hand-over, and each row alone unpadded
+("padded rows" there: the rows that the batch pads)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,9 @@ PROMPT = 200
 PADS = (0, 17, 30, 63, 5, 45, 62, 1)
 
 
-def run(model, rows: torch.Tensor, pads: list[int], fmt: str, pad_id: int, steps: int) -> torch.Tensor:
-    """Logits [rows, steps, vocab] of teacher-forced decoding; row b is left-padded by pads[b] (its
-    prompt is PROMPT + max(pads) - pads[b] tokens)."""
-    width = PROMPT + max(pads)
+def run(model, rows: torch.Tensor, pads: list[int], width: int, fmt: str, pad_id: int, steps: int) -> torch.Tensor:
+    """Logits [rows, steps, vocab] of teacher-forced decoding from a prompt batch `width` wide; row b is
+    left-padded by pads[b] (its prompt is its first width - pads[b] tokens)."""
     x = torch.full((len(rows), width), pad_id)
     m = torch.zeros_like(x)
     nxt = torch.empty(len(rows), steps - 1, dtype=torch.long)
@@ -84,11 +84,16 @@ def main() -> None:
     rows = torch.stack([ids[1000 * b:1000 * b + n] for b in range(args.rows)])
     pads = list(PADS[:args.rows])
     pad_id = tok.eos_token_id or 0
-    ref = run(model, rows, pads, "fp32", pad_id, args.steps)
+    width = PROMPT + max(pads)
+    ref = run(model, rows, pads, width, "fp32", pad_id, args.steps)
     print(f"pads {pads}, {args.rows} rows x {args.steps} steps, {args.fmt} against fp32 pages on the same batch")
-    print(f"{args.fmt} padded, noted:      {compare(ref, run(model, rows, pads, args.fmt, pad_id, args.steps), pads)}")
+    # Each row alone, unpadded (batch 1, the same prompt as in the batch).
+    alone = [tuple(run(model, rows[b:b + 1], [0], width - p, f, pad_id, args.steps) for f in ("fp32", args.fmt))
+             for b, p in enumerate(pads)]
+    print(f"{args.fmt} each row alone:     {compare(torch.cat([a for a, _ in alone]), torch.cat([b for _, b in alone]), pads)}")
+    print(f"{args.fmt} padded, noted:      {compare(ref, run(model, rows, pads, width, args.fmt, pad_id, args.steps), pads)}")
     with no_hand_over():
-        lg = run(model, rows, pads, args.fmt, pad_id, args.steps)
+        lg = run(model, rows, pads, width, args.fmt, pad_id, args.steps)
     print(f"{args.fmt} padded, not noted:  {compare(ref, lg, pads)}")
 
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import pagedkv
 from pagedkv import data
+from pagedkv.hf_compat import cache_kwargs
 
 
 def dynamic_cache_bytes(cache: DynamicCache) -> int:
@@ -24,7 +25,7 @@ def run(model, ids, cache, new_tokens):
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, past_key_values=cache, pad_token_id=0)
+                             do_sample=False, pad_token_id=0, **cache_kwargs(model, cache))
     return out[0, ids.shape[1]:], time.perf_counter() - t0
 
 

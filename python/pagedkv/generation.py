@@ -22,6 +22,7 @@ import torch
 
 from pagedkv.cache import PagedKVCache
 from pagedkv.graph_decode import GraphDecoder
+from pagedkv.hf_compat import cache_kwargs
 from pagedkv.store import KVStore, tensor_parallel_size
 
 DEFAULT_CHUNK = 2048
@@ -172,7 +173,7 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: PagedKVCache, *, attenti
             try:
                 with torch.inference_mode():
                     out = model(input_ids=input_ids[:, done:end], attention_mask=attention_mask[:, :end],
-                                position_ids=positions[:, done:end], past_key_values=cache, use_cache=True,
+                                position_ids=positions[:, done:end], use_cache=True, **cache_kwargs(model, cache),
                                 logits_to_keep=1)
             except BaseException:
                 cache.restore(snap)
@@ -215,7 +216,7 @@ class DecodeSteps:
         self.pos = self.pos + 1
         with torch.inference_mode():
             out = self.model(input_ids=ids[:, None], attention_mask=self.mask, position_ids=self.pos,
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **cache_kwargs(self.model, cache))
         return out.logits[:, -1].float()
 
     def close(self) -> None:
@@ -266,7 +267,7 @@ def graph_generate(model: Any, input_ids: torch.Tensor, logits_processor: Any, s
     pos = _position_ids(mask)
     with torch.inference_mode():
         out = model(input_ids=input_ids[:, done:], attention_mask=mask, position_ids=pos[:, done:],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
     logits = out.logits[:, -1].float()
     steps = DecodeSteps(model, cache, mask, pos[:, -1:], graphs=True)
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)

@@ -40,6 +40,7 @@ import torch
 from pagedkv import ops
 from pagedkv.cache import PagedKVCache
 from pagedkv.config import FORMATS
+from pagedkv.hf_compat import cache_kwargs
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -379,7 +380,7 @@ class GraphDecoder:
     def _forward(self, flush: bool) -> torch.Tensor:
         self.state.prologue(flush)
         self.pos += 1
-        out = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=self.ids, position_ids=self.pos, use_cache=True, **cache_kwargs(self.model, self.cache))
         return out.logits[:, -1]
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:

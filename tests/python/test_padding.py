@@ -115,13 +115,17 @@ def _generate(model, cache, ids, mask, **kw):
                           pad_token_id=0, **kw)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_generate_hands_the_padding_to_the_cache(arch):
+def test_generate_hands_the_padding_to_the_cache(arch, device):
     """The "pagedkv" mask function tells the cache the prompt's padding; the fused and the dense path
     then agree on the same pages (sdpa is told by hand)."""
-    model = tiny_model(arch, dtype=torch.float32)
+    model = tiny_model(arch, dtype=torch.float32).to(device)
     torch.manual_seed(0)
-    ids = torch.randint(3, 256, (3, 40))
+    ids = torch.randint(3, 256, (3, 40), device=device)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
     mask[2, :2] = 0
@@ -143,3 +147,6 @@ def test_generate_hands_the_padding_to_the_cache(arch):
     beams = pagedkv.PagedKVCache(model.config, **kw)
     _generate(model, beams, ids, mask, num_beams=2)
     assert beams.layers[full[0]].exact == 1 + 7
+    if device == "cuda":  # the captured decode steps read the moved exact positions as eager ones do
+        graph = pagedkv.PagedKVCache(model.config, **kw)
+        assert torch.equal(_generate(model, graph, ids, mask, custom_generate=pagedkv.graph_generate), out)

@@ -22,6 +22,7 @@ import torch
 
 from pagedkv import PagedKVCache, graph_generate
 from pagedkv.bench.common import environment, markdown_table, write_json
+from pagedkv.hf_compat import cache_kwargs
 
 FORMATS = ["int8", "fp8_e4m3", "int4", "nf4", "int2", "bf16"]
 
@@ -118,7 +119,7 @@ def run(method: str, model, ids: torch.Tensor, new_tokens: int, device: torch.de
     extra = dict(custom_generate=graph_generate) if method.endswith("-graph") else {}
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
+                             min_new_tokens=new_tokens, do_sample=False, **cache_kwargs(model, cache),
                              logits_processor=[timer], pad_token_id=0, **extra)
     total = time.perf_counter() - t0
     steps = len(timer.times) - 1

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pagedkv.bench.common import environment, markdown_table, write_json
+from pagedkv.hf_compat import cache_kwargs
 
 
 def _sync(device: torch.device) -> None:
@@ -87,11 +88,11 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 logits = pagedkv.prefill(model, ids, cache, chunk_size=args.chunk)
                 nxt = logits.argmax(-1, keepdim=True)
-                model(input_ids=nxt, past_key_values=cache, use_cache=True)  # warm-up step
+                model(input_ids=nxt, use_cache=True, **cache_kwargs(model, cache))  # warm-up step
                 _sync(device)
                 t0 = time.perf_counter()
                 for _ in range(args.new):
-                    nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                    nxt = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1].argmax(-1, keepdim=True)
                 _sync(device)
                 dt = time.perf_counter() - t0
             kv = cache.store.memory_bytes()["used_bytes"]

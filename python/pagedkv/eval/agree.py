@@ -12,6 +12,7 @@ import torch
 from pagedkv.bench.common import environment, markdown_table, write_json
 from pagedkv.eval.common import RIVALS, bits_per_element, load_model, make_cache, text_path
 from pagedkv.eval.ppl import DEFAULT_FORMATS
+from pagedkv.hf_compat import cache_kwargs
 
 
 def prompts(tok, path, n: int, length: int) -> torch.Tensor:
@@ -33,7 +34,7 @@ def prompts(tok, path, n: int, length: int) -> torch.Tensor:
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, cache, new_tokens: int) -> torch.Tensor:
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, past_key_values=cache, pad_token_id=0)
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **cache_kwargs(model, cache))
     return out[:, ids.shape[1]:]
 
 

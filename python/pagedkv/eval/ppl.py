@@ -1,7 +1,7 @@
 """Teacher-forced streaming perplexity through a KV cache.
 
 The text is cut into windows of ``--context`` tokens (``--tokens`` in all). Each window is fed in
-chunks of ``--chunk`` tokens with ``past_key_values``, so every chunk attends to the stored (quantized)
+chunks of ``--chunk`` tokens with the cache, so every chunk attends to the stored (quantized)
 history, and every token after the first chunk is scored. The same protocol runs with DynamicCache
 (the unquantized reference), each pagedkv format and the rivals (transformers ``QuantizedCache`` with
 quanto nbits 4 / 2 and its fp8 backend, where installed), side by side.
@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from pagedkv.bench.common import environment, markdown_table, write_json
 from pagedkv.eval.common import RIVALS, bits_per_element, load_model, make_cache, text_path
+from pagedkv.hf_compat import cache_kwargs
 
 DEFAULT_FORMATS = ["bf16", "fp8_e4m3", "int8", "nf4", "int4", "int2"]
 
@@ -31,7 +32,7 @@ def stream_nll(model, windows: torch.Tensor, method: str, chunk: int, batch: int
         cache = make_cache(method, model, **cache_kw)
         ctx = ids.shape[1]
         for c in range(0, ctx, chunk):
-            logits = model(ids[:, c:c + chunk], past_key_values=cache, use_cache=True).logits.float()
+            logits = model(ids[:, c:c + chunk], use_cache=True, **cache_kwargs(model, cache)).logits.float()
             targets = ids[:, c + 1:c + chunk + 1]
             logits = logits[:, :targets.shape[1]]
             first = max(chunk - 1 - c, 0)  # score targets at positions >= chunk

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pagedkv import PagedKVCache
 from pagedkv.bench.common import environment, markdown_table, write_json
 from pagedkv.eval.common import load_model, text_path
+from pagedkv.hf_compat import cache_kwargs
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def token_nll(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
     n = ids.shape[1]
     for c in tqdm(range(0, n - 1, chunk), leave=False, desc="stream"):
         piece = ids[:, c:min(c + chunk, n - 1)]
-        logits = model(piece, past_key_values=cache, use_cache=True).logits.float()
+        logits = model(piece, use_cache=True, **cache_kwargs(model, cache)).logits.float()
         targets = ids[:, c + 1:c + 1 + piece.shape[1]]
         out.append(-torch.log_softmax(logits, -1).gather(-1, targets[..., None])[0, :, 0])
     return torch.cat(out)
