@@ -145,6 +145,36 @@ def test_half_precision_models(device, dtype, fmt, case):
         _close(out, ref, dtype)
 
 
+LONG_TAILS = [  # tail tokens, query tokens, window, masked
+    (200, 1, 0, False), (150, 3, 120, True), (17, 1, 0, False), (70, 2, 0, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int2"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_long_dense_tail(device, fmt, d):
+    """A dense tail of up to 200 tokens (a grouped format's residual window plus a key group) beside
+    pages of very different lengths (none too), split and unsplit, a window that starts inside the
+    tail, a key mask, a query chunk: on CUDA the decode kernel hands the tail's steps round every warp
+    of the sequence's splits, whose pages lie elsewhere."""
+    bs = 64 if fmt in ("int4", "int2") else 16
+    lens = [0, 40, 9 * 64 + 7, 1500]
+    pi = PagedInputs(lens, [0] * 4, fmt, fmt, 2, d, block_size=bs, device=device, seed=d)
+    for tail, lq, window, masked in LONG_TAILS:
+        q = torch.randn(len(lens), 8, lq, d, device=device).to(torch.bfloat16)
+        kt, vt = (torch.randn(len(lens), 2, tail, d, device=device).to(torch.bfloat16) for _ in range(2))
+        kw = dict(scale=d ** -0.5, window=window)
+        if masked:
+            mask = torch.rand(len(lens), max(lens) + tail, device=device) > 0.2
+            mask[torch.arange(len(lens)), torch.tensor(lens) + tail - 1] = True  # every row keeps a key
+            kw["kv_mask"] = mask
+        ref = reference(pi, q.float(), kt, vt, **kw)
+        for splits in (0, 1, 3, 8):
+            out = pi.attend(q, kt, vt, num_splits=splits, **kw)
+            assert not out.isnan().any()
+            _close(out, ref, torch.bfloat16)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "int8", "int4", "int2"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

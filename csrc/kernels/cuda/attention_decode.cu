@@ -19,8 +19,9 @@
 // codes: each 64-channel chunk's m-tiles take P^T times the tokens' scales of that chunk, and 1 + D/64
 // correction mmas per step carry the zeros and the codes' magic offset (see the P V step); codes
 // unpack in one LOP3 per pair (unpack_lohi). Grid (split, KV head, sequence), 4 warps per block (Stage:
-// blocks per SM), each walking a contiguous run of aligned 16-token steps with its own online softmax
-// (base-2 exponentials), quantized pages two clean steps at a time where they can (one softmax update
+// blocks per SM), each walking a contiguous run of aligned 16-token steps of the pages with its own
+// online softmax (base-2 exponentials), the dense tail's steps dealt round every warp of the
+// sequence's splits afterwards, quantized pages two clean steps at a time where they can (one softmax update
 // for 32 tokens, two independent score chains), its page bytes arriving through a ring of
 // shared-memory stages filled with cp.async ahead of the steps; warps merge in shared memory, partial
 // results go to the merge kernel (attention.cu).
@@ -321,9 +322,12 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
       hi_min = min(hi_min, row_hi[r]);
     }
   }
+  // The split's warps walk its pages; the dense tail's steps go round every warp of the sequence's
+  // splits (below the loop), so a long tail (up to residual_length + a key group of generic steps)
+  // is not one warp's serial chain.
   int64_t e0, e1;
   split_range(p, split, n, lo_all, hi_all, e0, e1);
-  const int64_t len = max(e1 - e0, static_cast<int64_t>(0));
+  const int64_t len = max(min(e1, plen) - e0, static_cast<int64_t>(0));
   const uint8_t* mask = p.mask ? p.mask + s * p.mask_stride + p.mask_offset : nullptr;
   const int mask_n = static_cast<int>(min(p.mask_len - p.mask_offset, static_cast<int64_t>(1) << 30));
   const SplitCols heads{static_cast<uint32_t>(__cvta_generic_to_shared(cols)), &p.k, &p.v, h * p.k.L.head_bytes,
@@ -851,6 +855,95 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     }
     if constexpr (D < 128) corrections();
   };
+  // The key mask of tokens g, g + 8 of step st, loaded early so that its latency hides behind the
+  // step's math (read where the softmax needs it, a dependent global load stalled every masked step).
+  const auto load_keep = [&](int st, bool (&keep)[2]) {
+    keep[0] = keep[1] = true;
+    if (mask != nullptr) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const int e = st + 8 * t + g;
+        if (e >= 0 && e < mask_n) keep[t] = __ldg(mask + e) != 0;
+      }
+    }
+  };
+  // Scores of entries outside the rows' windows, the key mask, or storage to -inf.
+  const auto mask_scores = [&](int st, float (&sc)[4], const bool (&tok_ok)[2], const bool (&keep)[2]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int e = st + 8 * (i >> 1) + g;
+      const bool ok = tok_ok[i >> 1] && e >= lo_r[i & 1] && e <= hi_r[i & 1] && keep[i >> 1];
+      if (!ok) sc[i] = -INFINITY;
+    }
+  };
+  // Generic step over entries [st, st + kStep) within [elo, ehi): one by one (block edges, the dense
+  // tail, absent blocks), dequantized in fp32 and rounded; scores against the unfolded query.
+  const auto generic_step = [&](int st, int elo, int ehi) {
+    float sc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}}, ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};
+    bool tok_ok[2], keep[2];
+    load_keep(st, keep);
+    Tok kt[2], vt[2];
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      kt[t] = sp.at(st + 8 * t + g, elo, ehi, &vt[t]);
+      tok_ok[t] = kt[t].ok;
+      if constexpr (kTS) {
+        ks[t] = token_scale(p.k.L, kt[t]);
+        vs[t] = token_scale(p.v.L, vt[t]);
+      }
+    }
+#pragma unroll
+    for (int u0 = 0; u0 < LK / GW; ++u0) {
+      float xa[GW], xb[GW];
+#pragma unroll
+      for (int i = 0; i < GW / 8; ++i) {
+        const int c0 = c * LK + GW * u0 + 8 * i;
+        entry8<F, Role::kKey, FD>(p, p.k.L, kt[0], p.kt, p.kts, s, h, c0, nullptr, xa + 8 * i);
+        entry8<F, Role::kKey, FD>(p, p.k.L, kt[1], p.kt, p.kts, s, h, c0, nullptr, xb + 8 * i);
+      }
+#pragma unroll
+      for (int v = 0; v < GW / 4; ++v) {
+        const int kk = u0 * (GW / 4) + v;
+        int ch[4];
+#pragma unroll
+        for (int sl = 0; sl < 4; ++sl) ch[sl] = key_channel<FD, PW>(kk, sl) - GW * u0;
+        const uint2 b = sq[kk * 32 + lane];
+        mma<TK>(sc[0], make_uint4(pack2<TK>(xa[ch[0]], xa[ch[1]]), pack2<TK>(xb[ch[0]], xb[ch[1]]),
+                               pack2<TK>(xa[ch[2]], xa[ch[3]]), pack2<TK>(xb[ch[2]], xb[ch[3]])), b.x, b.y);
+      }
+    }
+    scale_scores(sc[0], ks);
+    mask_scores(st, sc[0], tok_ok, keep);
+    softmax(sc);
+    uint32_t b0, b1, bq[kFold ? NC : 1][2];
+    p_fragments(sc[0], vs, b0, b1);
+#pragma unroll
+    for (int j = 0; j < (kFold ? NC : 1); ++j) {
+      bq[j][0] = b0;
+      bq[j][1] = b1;
+    }
+    uint32_t vr[2][LV];
+#pragma unroll
+    for (int P = 0; P < 2; ++P) {
+      Tok ta, tb;
+      sp.at(st + 8 * P + 2 * c, elo, ehi, &ta);
+      sp.at(st + 8 * P + 2 * c + 1, elo, ehi, &tb);
+#pragma unroll
+      for (int q = 0; q < VCH; ++q) {  // kFold: the fast step's channels, odd ones times HIV
+        const int c0 = kFold ? 64 * q + 8 * g : g * LV + 8 * q;
+        float xa[8], xb[8];
+        entry8<F, Role::kValue, FD>(p, p.v.L, ta, p.vt, p.vts, s, h, c0, nullptr, xa);
+        entry8<F, Role::kValue, FD>(p, p.v.L, tb, p.vt, p.vts, s, h, c0, nullptr, xb);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float mul = i % 2 ? static_cast<float>(HIV) : 1.0f;
+          vr[P][8 * q + i] = pack2<TV>(xa[i] * mul, xb[i] * mul);
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < KS; ++t) pv_tile(t, vr, bq, b0, b1);
+  };
   // The ring: step st's stage is `slot`; the copies of steps before nx are issued, nx's goes to nslot.
   int slot = 0, nx = w0 + (NS - 1) * kStep, nslot = NS - 1;
 #ifdef PAGEDKV_CTA_TIMES
@@ -893,103 +986,37 @@ __global__ void __launch_bounds__(kThreads, Stage<D, F>::kBlocks) attention_deco
     }
     cp_async_wait<NS - 1>();  // this step's copies done
     __syncwarp();
-    const bool fast = flags & 1u;
-    const bool clean = fast && st >= clean_lo && st + kStep <= clean_hi;
+    if (!(flags & 1u)) {  // a generic step (block edges, absent blocks)
+      generic_step(st, wlo, lim);
+      st += kStep;
+      slot = slot1;
+      continue;
+    }
+    const bool clean = st >= clean_lo && st + kStep <= clean_hi;
     float sc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}}, ks[2] = {1.0f, 1.0f}, vs[2] = {1.0f, 1.0f};
     VWords vw;
     VMeta vm;
-    bool tok_ok[2] = {true, true};
-    // The key mask of tokens g, g + 8, loaded now so that its latency hides behind the step's math
-    // (read where the softmax needs it, a dependent global load stalled every masked step).
-    bool keep[2] = {true, true};
-    if (mask != nullptr) {
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        const int e = st + 8 * t + g;
-        if (e >= 0 && e < mask_n) keep[t] = __ldg(mask + e) != 0;
-      }
-    }
-    if (fast) {
-      fast_scores(slot, flags, sc[0], ks);
-      read_values(slot, vw, vm, vs);  // its latency hides behind the softmax
-    } else {
-      // Generic step: entries one by one (block edges, the dense tail, absent blocks), dequantized in
-      // fp32 and rounded; scores against the unfolded query.
-      Tok kt[2], vt[2];
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        kt[t] = sp.at(st + 8 * t + g, wlo, lim, &vt[t]);
-        tok_ok[t] = kt[t].ok;
-        if constexpr (kTS) {
-          ks[t] = token_scale(p.k.L, kt[t]);
-          vs[t] = token_scale(p.v.L, vt[t]);
-        }
-      }
-#pragma unroll
-      for (int u0 = 0; u0 < LK / GW; ++u0) {
-        float xa[GW], xb[GW];
-#pragma unroll
-        for (int i = 0; i < GW / 8; ++i) {
-          const int c0 = c * LK + GW * u0 + 8 * i;
-          entry8<F, Role::kKey, FD>(p, p.k.L, kt[0], p.kt, p.kts, s, h, c0, nullptr, xa + 8 * i);
-          entry8<F, Role::kKey, FD>(p, p.k.L, kt[1], p.kt, p.kts, s, h, c0, nullptr, xb + 8 * i);
-        }
-#pragma unroll
-        for (int v = 0; v < GW / 4; ++v) {
-          const int kk = u0 * (GW / 4) + v;
-          int ch[4];
-#pragma unroll
-          for (int sl = 0; sl < 4; ++sl) ch[sl] = key_channel<FD, PW>(kk, sl) - GW * u0;
-          const uint2 b = sq[kk * 32 + lane];
-          mma<TK>(sc[0], make_uint4(pack2<TK>(xa[ch[0]], xa[ch[1]]), pack2<TK>(xb[ch[0]], xb[ch[1]]),
-                                 pack2<TK>(xa[ch[2]], xa[ch[3]]), pack2<TK>(xb[ch[2]], xb[ch[3]])), b.x, b.y);
-        }
-      }
-    }
+    const bool tok_ok[2] = {true, true};
+    bool keep[2];
+    load_keep(st, keep);
+    fast_scores(slot, flags, sc[0], ks);
+    read_values(slot, vw, vm, vs);  // its latency hides behind the softmax
     scale_scores(sc[0], ks);
-    if (__builtin_expect(!clean, 0)) {  // a branch (predicated, its ~30 instructions issued on every clean step)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int e = st + 8 * (i >> 1) + g;
-        const bool ok = tok_ok[i >> 1] && e >= lo_r[i & 1] && e <= hi_r[i & 1] && keep[i >> 1];
-        if (!ok) sc[0][i] = -INFINITY;
-      }
-    }
+    if (__builtin_expect(!clean, 0)) mask_scores(st, sc[0], tok_ok, keep);  // predicated: its ~30 instructions issue on clean steps too
     softmax(sc);
-    if (fast) {
-      fast_pv(vw, vm, vs, sc[0]);
-    } else {
-      uint32_t b0, b1, bq[kFold ? NC : 1][2];
-      p_fragments(sc[0], vs, b0, b1);
-#pragma unroll
-      for (int j = 0; j < (kFold ? NC : 1); ++j) {
-        bq[j][0] = b0;
-        bq[j][1] = b1;
-      }
-      uint32_t vr[2][LV];
-#pragma unroll
-      for (int P = 0; P < 2; ++P) {
-        Tok ta, tb;
-        sp.at(st + 8 * P + 2 * c, wlo, lim, &ta);
-        sp.at(st + 8 * P + 2 * c + 1, wlo, lim, &tb);
-#pragma unroll
-        for (int q = 0; q < VCH; ++q) {  // kFold: the fast step's channels, odd ones times HIV
-          const int c0 = kFold ? 64 * q + 8 * g : g * LV + 8 * q;
-          float xa[8], xb[8];
-          entry8<F, Role::kValue, FD>(p, p.v.L, ta, p.vt, p.vts, s, h, c0, nullptr, xa);
-          entry8<F, Role::kValue, FD>(p, p.v.L, tb, p.vt, p.vts, s, h, c0, nullptr, xb);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float mul = i % 2 ? static_cast<float>(HIV) : 1.0f;
-            vr[P][8 * q + i] = pack2<TV>(xa[i] * mul, xb[i] * mul);
-          }
-        }
-      }
-#pragma unroll
-      for (int t = 0; t < KS; ++t) pv_tile(t, vr, bq, b0, b1);
-    }
+    fast_pv(vw, vm, vs, sc[0]);
     st += kStep;
     slot = slot1;
+  }
+  {
+    // The dense tail: steps of kStep entries from the first the rows see, step j going to warp j of
+    // the sequence's splits x kWarps (entries keep their numbering: masks and windows apply as in
+    // the loop). A second inlined copy of the generic step: one call site for both (the loop leaving
+    // its generic steps to this one) made the loop 5-11% slower (H100, b8 32k, int8 / int4).
+    const int t0 = static_cast<int>(max(plen, static_cast<int64_t>(lo_all)));
+    const int t1 = static_cast<int>(min(n, static_cast<int64_t>(hi_all) + 1));
+    const int tail_stride = kStep * static_cast<int>(p.num_splits) * kWarps;
+    for (int st = t0 + kStep * (split * kWarps + warp); st < t1; st += tail_stride) generic_step(st, st, min(st + kStep, t1));
   }
 #ifdef PAGEDKV_CTA_TIMES
   const uint64_t t_loop_end = global_ns();

@@ -28,7 +28,11 @@ ALL_FORMATS = ["bf16", "fp8_e4m3", "int8", "nf4", "int4", "int2"]
 class Pages:
     """Keys/values of ``batch`` sequences of ``ctx`` tokens in shuffled blocks of one format."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int, tail: int = 0):
+        # The last `tail` tokens stay dense beside the pages, as a cache's full-precision residual window.
+        self.k_tail = k[:, :, k.shape[2] - tail:] if tail else None
+        self.v_tail = v[:, :, v.shape[2] - tail:] if tail else None
+        k, v = k[:, :, :k.shape[2] - tail], v[:, :, :v.shape[2] - tail]
         b, h, n, d = k.shape
         dev = k.device
         self.fmt, self.bs, self.h = fmt, block_size, h
@@ -51,13 +55,14 @@ class Pages:
                    group=self.vg, **kw)
         self.table = self.table.to(torch.int32)
         self.lens = torch.full((b,), n, dtype=torch.int32, device=dev)
-        self.bytes = total * (kl["block_bytes"] + vl["block_bytes"])
+        self.bytes = total * (kl["block_bytes"] + vl["block_bytes"]) + (2 * self.k_tail.nbytes if tail else 0)
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
         f = FORMATS[self.fmt]
         return ops.paged_attention(q, self.k_pages, self.v_pages, self.table, self.lens, k_format=f, v_format=f,
                                    k_group=self.kg, v_group=self.vg, block_size=self.bs, blocks_per_chunk=self.bpc,
-                                   num_kv_heads=self.h, scale=q.shape[-1] ** -0.5)
+                                   num_kv_heads=self.h, scale=q.shape[-1] ** -0.5, k_tail=self.k_tail,
+                                   v_tail=self.v_tail)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--block-sizes", nargs="+", type=int, default=None,
                     help="tokens per page, each format measured at each (default: the cache's, 64)")
     ap.add_argument("--max-tokens", type=int, default=None, help="skip batch x context above this")
+    ap.add_argument("--tails", nargs="+", type=int, default=[0],
+                    help="of each context, the newest tokens kept dense beside the pages (the cache's residual "
+                         "window: up to residual_length + key group with grouped formats), each measured")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (timings on 2 cores are noise otherwise)")
     ap.add_argument("--json", default=None)
@@ -114,14 +122,16 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([shape, b, n, name, f"{sdpa_us:.1f}", "1.00"] + ([f"{sdpa_st:.1f}", "1.00"] if gpu else [])
                             + [f"{rec['gbs']:.0f}", f"{100 * rec['gbs'] / copy_bw:.0f}%"])
                 ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
-                for fmt, bs in [(f, bs) for f in args.formats for bs in (args.block_sizes or [DEFAULT_BLOCK_SIZE])]:
-                    method = fmt if args.block_sizes is None else f"{fmt} bs{bs}"
-                    pages = Pages(k, v, fmt, bs)
+                runs = [(f, bs, t) for f in args.formats for bs in (args.block_sizes or [DEFAULT_BLOCK_SIZE])
+                        for t in args.tails if t < n]
+                for fmt, bs, tail in runs:
+                    method = fmt + ("" if args.block_sizes is None else f" bs{bs}") + (f" tail{tail}" if tail else "")
+                    pages = Pages(k, v, fmt, bs, tail)
                     out = pages(q)
                     err = (out.transpose(1, 2).float() - ref).abs().max().item()
                     us = median_time_us(lambda: pages(q), dev, reps=args.reps)
                     st = stream_time_us(lambda: pages(q), dev, reps=args.reps) if gpu else us
-                    rec = dict(shape=shape, batch=b, context=n, method=method, block_size=bs, us=us,
+                    rec = dict(shape=shape, batch=b, context=n, method=method, block_size=bs, tail=tail, us=us,
                                speedup=sdpa_us / us, us_stream=st, speedup_stream=sdpa_st / st,
                                gbs=pages.bytes / st / 1e3, bytes=pages.bytes, max_abs_err_vs_dense=err)
                     records.append(rec)
