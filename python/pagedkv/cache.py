@@ -214,8 +214,8 @@ class PagedKVCache(Cache):
         self._token_ids: torch.Tensor | None = None
         self._exact_mask: tuple | None = None  # (padding, (begin, lead, end), reordered): see _exact_order_mask
         # Left padding of the prompt (note_padding): (first real position of each row [batch], the end
-        # of the padded region), or None.
-        self._lead_pad: tuple[torch.Tensor, int] | None = None
+        # of the padded region, the width of the mask they come from), or None.
+        self._lead_pad: tuple[torch.Tensor, int, int] | None = None
         self._static: Any = None  # a GraphDecoder's StaticDecodeState while one runs (graph_decode.py)
         layers = [PagedLayer(self, i, mw, w, sink_tokens if mw is None and w is not None else 0,
                              store.exact_layers[i], store.rotated_layers[i])
@@ -443,24 +443,37 @@ class PagedKVCache(Cache):
             if self._batch_size is not None and attention_mask.shape[0] != self._batch_size:
                 raise ValueError(f"attention_mask has {attention_mask.shape[0]} rows but the cache holds "
                                  f"{self._batch_size} sequences")
+        lead = self._lead_pad
         if self.get_seq_length() > 0:
+            # A chunked prefill whose first chunk was all padding in some row: a wider mask tells where
+            # that row's tokens start (the exact positions stay as the first chunk set them).
+            if (lead is not None and lead[1] == lead[2] and attention_mask is not None
+                    and attention_mask.shape[1] > lead[2]):
+                self._lead_pad = self._first_real(attention_mask)[:3]
             return
         self._lead_pad = None
         for layer in self.layers:
             layer.exact = layer.base_exact
         if attention_mask is None or attention_mask.shape[1] == 0:
             return
-        real = attention_mask != 0
-        first = torch.where(real.any(1), real.to(torch.int8).argmax(1), real.shape[1])
-        rows = first.tolist()  # one synchronization a prompt
-        if max(rows) == 0:
+        first, end, width, rows = self._first_real(attention_mask)
+        if end == 0:
             return
-        self._lead_pad = (first, max(rows))
+        self._lead_pad = (first, end, width)
         if self.store.prefix_caching:
             return
         for layer in self.layers:
             if layer.base_exact:
                 layer.exact += max((f for f in rows if f + layer.base_exact <= self.flush_quantum), default=0)
+
+    @staticmethod
+    def _first_real(mask: torch.Tensor) -> tuple[torch.Tensor, int, int, list[int]]:
+        """Each row's first unmasked position (the mask's width where it has none), their maximum, the
+        width, and the positions as a list (one synchronization)."""
+        real = mask != 0
+        first = torch.where(real.any(1), real.to(torch.int8).argmax(1), real.shape[1])
+        rows = first.tolist()
+        return first, max(rows), real.shape[1], rows
 
     @staticmethod
     def _fill_padding(keys: torch.Tensor, begin: int, exact: int, first: torch.Tensor) -> torch.Tensor:
@@ -630,7 +643,8 @@ class PagedKVCache(Cache):
         for layer in self.layers:
             layer._select_residual(index)
         if self._lead_pad is not None:
-            self._lead_pad = (self._lead_pad[0][index.to(self._lead_pad[0].device)], self._lead_pad[1])
+            first, end, width = self._lead_pad
+            self._lead_pad = (first[index.to(first.device)], end, width)
         self._batch_size = len(order)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -85,6 +85,21 @@ def test_padding_longer_than_a_key_group():
     assert plain_err[2] > 10 * err[2]
 
 
+def test_chunked_prefill_with_padding_past_the_first_chunk():
+    """Each chunk's mask is noted as the mask function notes it; a row still all padding after the
+    first chunk learns where its tokens start from a later, wider mask."""
+    pads = [0, 40]
+    k, v, mask = _padded(pads)
+    cache = pagedkv.PagedKVCache(None, "int4", **KW)
+    for a in range(0, 64, 16):
+        cache.note_padding(mask[:, :a + 16])
+        cache.update(k[:, :, a:a + 16], v[:, :, a:a + 16], 0)
+    err = _real_error(cache.update(k[:, :, :0], v[:, :, :0], 0)[0], k, pads)
+    assert cache._lead_pad[1] == 40
+    plain_err = _real_error(_stored_keys(pagedkv.PagedKVCache(None, "int4", **KW), k, v, 16), k, pads)
+    assert plain_err[1] > 10 * err[1]
+
+
 def test_prefix_caching_keeps_its_exact_count():
     pads = [0, 5]
     k, v, mask = _padded(pads)
