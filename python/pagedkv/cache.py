@@ -431,7 +431,8 @@ class PagedKVCache(Cache):
         the exact leading positions (``exact_prefix``) past the padding, so that each row's first real
         token stays exact as in an unpadded row (rows padded by up to a key group less
         ``exact_prefix``; not with prefix caching, whose exact rows are shared at a fixed count).
-        Only an empty cache takes a new mask; later calls (the decode steps) change nothing."""
+        Only an empty cache takes a new mask (and a chunked prefill, for a row that is still all
+        padding); the decode steps' calls change nothing."""
         if self._static is not None:
             return
         if attention_mask is not None:
