@@ -5,6 +5,10 @@ GPU only; an experiment, not part of the package's build.
 
     CUDA_FLAGS=-DPAGEDKV_CTA_TIMES bash scripts/gpu.sh build
     python scripts/cta_times.py --fmt int8 int4 --batch 8 --context 32768
+    python scripts/cta_times.py --fmt int4 --shape gemma3-1b --batch 16 --context 8192 --tail 192
+
+--tail keeps the newest tokens dense beside the pages (as the cache's residual window); the loop
+time then includes the warp's tail steps, and the table splits the warps with one from the others.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ def child(a: argparse.Namespace) -> None:
     q = torch.randn(a.batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(a.batch, hkv, a.context, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    pages = Pages(k, v, a.fmt, DEFAULT_BLOCK_SIZE)
+    pages = Pages(k, v, a.fmt, DEFAULT_BLOCK_SIZE, a.tail)
     del k, v
     for i in range(a.calls):
         print(f"CALL {i}", flush=True)
@@ -37,12 +41,14 @@ def child(a: argparse.Namespace) -> None:
 
 def q(xs: list[float]) -> str:
     """min / 5th percentile / median / 95th percentile / max."""
+    if not xs:
+        return "none"
     xs = sorted(xs)
     pc = lambda f: xs[min(len(xs) - 1, int(f * len(xs)))]  # noqa: E731
     return f"{xs[0]:.1f} / {pc(0.05):.1f} / {statistics.median(xs):.1f} / {pc(0.95):.1f} / {xs[-1]:.1f}"
 
 
-def summarize(fmt: str, text: str) -> None:
+def summarize(fmt: str, text: str, tail: int = 0) -> None:
     calls: list[list[list[int]]] = []
     for line in text.splitlines():
         if line.startswith("CALL"):
@@ -76,6 +82,11 @@ def summarize(fmt: str, text: str) -> None:
         blocks[(r[0], r[1], r[2])].append(r)
     print(f"| loop-end spread within a block | {q([(max(r[8] for r in b) - min(r[8] for r in b)) / 1e3 for b in blocks.values()])} |")
     print(f"| loop end, block mean (from the first launch) | {q([us(statistics.fmean(r[8] for r in b)) for b in blocks.values()])} |")
+    if tail:  # tail step j goes to warp j of the sequence's splits x 4 (one wave: j < splits x 4)
+        has = [r for r in rows if 4 * r[0] + r[3] < -(-tail // 16)]
+        rest = [r for r in rows if 4 * r[0] + r[3] >= -(-tail // 16)]
+        print(f"| loop, warps with a tail step ({len(has)}) | {q([(r[8] - r[7]) / 1e3 for r in has])} |")
+        print(f"| loop, the other warps ({len(rest)}) | {q([(r[8] - r[7]) / 1e3 for r in rest])} |")
     steps = [r[10] for r in rows]
     print(f"| tokens per warp | {min(steps)} / {max(steps)} |")
 
@@ -87,6 +98,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--tail", type=int, default=0)
     ap.add_argument("--child", default=None)
     a = ap.parse_args()
     if a.child:
@@ -95,9 +107,9 @@ def main() -> None:
         return
     for fmt in a.fmt:
         cmd = [sys.executable, __file__, "--child", fmt, "--shape", a.shape, "--batch", str(a.batch), "--context",
-               str(a.context), "--calls", str(a.calls)]
+               str(a.context), "--calls", str(a.calls), "--tail", str(a.tail)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        summarize(fmt, out)
+        summarize(fmt, out, a.tail)
 
 
 if __name__ == "__main__":
