@@ -2,6 +2,7 @@
 profiler table): where the op's time goes, kernel by kernel.
 
     python scripts/profile_attention.py --fmt int4 --context 32768 --batch 8
+    python scripts/profile_attention.py --fmt int4 --shape gemma3-1b --batch 16 --context 8192 --tail 192
     ncu --kernel-name regex:attention --launch-skip 3 --launch-count 1 --section SpeedOfLight \
         python scripts/profile_attention.py --fmt int4 --calls 5 --no-table
 """
@@ -23,12 +24,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--tail", type=int, default=0, help="newest tokens kept dense beside the pages")
     ap.add_argument("--no-table", action="store_true")
     a = ap.parse_args()
     hq, hkv, d = SHAPES[a.shape]
     q = torch.randn(a.batch, hq, 1, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(a.batch, hkv, a.context, d, device="cuda", dtype=torch.bfloat16)
-    pages = Pages(k, k, a.fmt, DEFAULT_BLOCK_SIZE)
+    pages = Pages(k, k, a.fmt, DEFAULT_BLOCK_SIZE, a.tail)
     del k
     for _ in range(3):
         pages(q)

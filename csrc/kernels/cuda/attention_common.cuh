@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/attention_cuda.h"
 
@@ -217,7 +218,8 @@ __device__ __forceinline__ void split_range(const KParams& p, int split, int64_t
 #ifndef PAGEDKV_TAIL_VEC
 #define PAGEDKV_TAIL_VEC 1
 #endif
-template <bool VEC = true>
+// TT: the tail's type when the caller knows it (__half or __nv_bfloat16: no branch on p.dtype).
+template <bool VEC = true, typename TT = void>
 __device__ __forceinline__ void load_tail(const KParams& p, const void* tail, const int64_t* ts, int s, int h, int t,
                                           int c0, float* x) {
   const int64_t base = s * ts[0] + h * ts[1] + static_cast<int64_t>(t) * ts[2] + c0;
@@ -226,7 +228,7 @@ __device__ __forceinline__ void load_tail(const KParams& p, const void* tail, co
     for (int i = 0; i < 8; ++i) x[i] = load_scalar(tail, p.dtype, base + i);
     return;
   }
-  if (p.dtype == DType::kF32) {
+  if (std::is_void_v<TT> && p.dtype == DType::kF32) {
     const float* ptr = static_cast<const float*>(tail) + base;
     const float4 a = *reinterpret_cast<const float4*>(ptr), b = *reinterpret_cast<const float4*>(ptr + 4);
     x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
@@ -234,7 +236,7 @@ __device__ __forceinline__ void load_tail(const KParams& p, const void* tail, co
   }
   const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(tail) + base);
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-  const bool bf = p.dtype == DType::kBF16;
+  const bool bf = std::is_void_v<TT> ? p.dtype == DType::kBF16 : std::is_same_v<TT, __nv_bfloat16>;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     x[2 * i] = bf ? __uint_as_float(w[i] << 16) : h2f(static_cast<uint16_t>(w[i] & 0xffffu));
