@@ -245,3 +245,22 @@ def test_formats_agreement_stories(stories):
         if fmt == "fp32":
             assert agree == 1.0
         assert out.shape == ref.shape
+
+
+def test_cache_kwargs_follow_the_installed_transformers():
+    """pagedkv's own model calls pass the cache under the name this transformers release's forward
+    takes (5.24: `cache`, the old name warning; 5.17: only `past_key_values`), without a warning."""
+    import inspect
+    import warnings
+
+    from pagedkv.hf_compat import cache_kwargs
+
+    model = tiny_model("llama", dtype=torch.float32)
+    cache = pagedkv.PagedKVCache(model.config, "int4")
+    kw = cache_kwargs(model, cache)
+    params = inspect.signature(type(model).forward).parameters
+    assert list(kw) == ["cache" if "cache" in params else "past_key_values"] and kw[next(iter(kw))] is cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model(torch.randint(3, 256, (1, 9)), use_cache=True, **kw)
+    assert cache.get_seq_length() == 9
