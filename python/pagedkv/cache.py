@@ -8,7 +8,6 @@ correct with every attention implementation. Beam search, ``crop``, batch repeat
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,13 +17,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from pagedkv import _C, attention, ops
 from pagedkv.config import FORMATS
+from pagedkv.hf_compat import CROP_TAKES_REMOVAL
 from pagedkv.storage import PagedGroup
 from pagedkv.store import KVStore, as_token_rows, text_config
 
 BudgetExhaustedError = _C.BudgetExhaustedError
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# transformers >= 5.2x: crop(tokens_to_remove <= 0); earlier 5.x: crop(max_length), negative = remove.
-_CROP_TAKES_REMOVAL = "tokens_to_remove" in inspect.signature(Cache.crop).parameters
 
 
 class PagedLayer(CacheLayerMixin):
@@ -367,8 +365,10 @@ class PagedKVCache(Cache):
             tail_v = torch.cat([layer.residual_values, value_states], dim=2)
         else:
             tail_k, tail_v = key_states, value_states
+        # New padded positions: fill the whole tail (a chunk that showed where a row's tokens start also
+        # refills that row's earlier padding); decode steps, past the padding, skip it.
         lead_pad = self._lead_pad
-        if lead_pad is not None and old_paged < lead_pad[1] and lead_pad[0].shape[0] == tail_k.shape[0]:
+        if lead_pad is not None and old_tokens < lead_pad[1] and lead_pad[0].shape[0] == tail_k.shape[0]:
             tail_k = self._fill_padding(tail_k, old_paged, layer.base_exact, lead_pad[0])
         # Dense result: visible paged positions, then the full-precision tail.
         first_tail = max(visible - old_paged, 0)
@@ -683,7 +683,7 @@ class PagedKVCache(Cache):
         current = self.get_seq_length()
         if max_length < 0:
             new_len = current + max_length
-        elif _CROP_TAKES_REMOVAL:
+        elif CROP_TAKES_REMOVAL:
             if max_length > 0:
                 raise ValueError(f"crop({max_length}): pass a negative number of tokens to remove")
             new_len = current

@@ -22,7 +22,7 @@ import torch
 
 from pagedkv.cache import PagedKVCache
 from pagedkv.graph_decode import GraphDecoder
-from pagedkv.hf_compat import cache_kwargs
+from pagedkv.hf_compat import cache_kwargs, generate_cache
 from pagedkv.store import KVStore, tensor_parallel_size
 
 DEFAULT_CHUNK = 2048
@@ -225,14 +225,6 @@ class DecodeSteps:
             self.decoder = None
 
 
-def _generate_cache(kwargs: dict[str, Any]) -> Any:
-    """The cache passed to ``generate``: ``past_key_values=``, which later transformers 5.x releases (5.24
-    here; not 5.17) rename ``cache=``, moving the old name to the new one before a custom decoding loop
-    sees the arguments."""
-    cache = kwargs.get("past_key_values")
-    return kwargs.get("cache") if cache is None else cache
-
-
 def graph_generate(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopping_criteria: Any,
                    generation_config: Any, synced_gpus: bool = False, streamer: Any = None, **model_kwargs: Any
                    ) -> torch.Tensor:
@@ -243,7 +235,7 @@ def graph_generate(model: Any, input_ids: torch.Tensor, logits_processor: Any, s
     prepares the inputs, logits processors (temperature, top-k/p, ...) and stopping criteria (max
     length, EOS) as usual and hands them here. Beam search, assisted decoding and
     ``return_dict_in_generate`` are not covered (ValueError). Returns ``[batch, prompt + new]`` ids."""
-    cache = _generate_cache(model_kwargs)
+    cache = generate_cache(model_kwargs)
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"graph_generate needs past_key_values=pagedkv.PagedKVCache(...) (cache= in later "
                         f"transformers 5.x releases), got {type(cache).__name__}")
@@ -389,7 +381,7 @@ def enable_prefix_reuse(model: Any) -> Any:
 
     @functools.wraps(original)
     def generate_with_reuse(*args: Any, **kwargs: Any) -> Any:
-        cache = _generate_cache(kwargs)
+        cache = generate_cache(kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(cache, PagedKVCache) or not isinstance(ids, torch.Tensor):
             return original(*args, **kwargs)

@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args(argv)
+    if any(t < 0 for t in args.tails):
+        ap.error(f"--tails must be >= 0, got {args.tails}")
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
     if not gpu:
